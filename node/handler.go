@@ -1,0 +1,332 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/shoal-oci/shoal/node/routing"
+	"github.com/shoal-oci/shoal/node/store"
+	"github.com/shoal-oci/shoal/oci"
+)
+
+// Metric label values for where a response came from.
+const (
+	sourceLocal = "local"
+	sourcePeer  = "peer"
+	sourceCache = "cache"
+	sourceMiss  = "miss"
+)
+
+// Node is the per-node mirror. It implements http.Handler for the registry
+// port and runs the advertiser that keeps the DHT in step with the store.
+type Node struct {
+	cfg     Config
+	picker  *routing.Picker
+	metrics *metrics
+	peers   *http.Client
+	cache   *http.Client
+	synced  atomic.Bool
+}
+
+// New builds a Node. It registers its metrics on cfg.Registerer.
+func New(cfg Config) (*Node, error) {
+	if cfg.Store == nil {
+		return nil, errors.New("node: a Store is required")
+	}
+	cfg.setDefaults()
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("node: register metrics: %w", err)
+	}
+	return &Node{
+		cfg:     cfg,
+		picker:  routing.NewPicker(cfg.Zone, cfg.PeerCoolDown, time.Now),
+		metrics: m,
+		peers:   &http.Client{Transport: cfg.PeerTransport, CheckRedirect: noRedirects},
+		cache:   &http.Client{Transport: cfg.CacheTransport, CheckRedirect: noRedirects},
+	}, nil
+}
+
+func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+
+// newTransport is a transport for in-cluster hops: short dial and header
+// timeouts so a dead peer costs little, and no timeout on a long body.
+func newTransport(dial time.Duration) *http.Transport {
+	return &http.Transport{
+		Proxy:                 nil, // cluster-internal hops never go through an HTTP proxy
+		DialContext:           (&net.Dialer{Timeout: dial, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+		ResponseHeaderTimeout: 10 * time.Second,
+		ForceAttemptHTTP2:     false,
+		DisableCompression:    true,
+		WriteBufferSize:       64 << 10,
+		ReadBufferSize:        64 << 10,
+	}
+}
+
+// ServeHTTP serves the registry API: /v2/, manifests and blobs.
+func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	if err := n.serve(w, r); err != nil {
+		var oe *oci.Error
+		if !errors.As(err, &oe) || oe.Status >= 500 {
+			n.cfg.Logger.WarnContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		}
+		oci.WriteError(w, r, err)
+	}
+}
+
+func (n *Node) serve(w http.ResponseWriter, r *http.Request) error {
+	rt, err := oci.ParseRoute(r)
+	if err != nil {
+		return err
+	}
+	if rt.Kind == oci.KindBase {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		return nil
+	}
+	fromPeer := r.Header.Get(PeerHeader) != ""
+	kind := kindLabel(rt)
+	var src string
+	if rt.Tag != "" {
+		src, err = n.serveTag(w, r, rt, fromPeer)
+	} else {
+		src, err = n.serveDigest(w, r, rt, fromPeer)
+	}
+	if err != nil && src == "" {
+		src = sourceMiss
+	}
+	n.metrics.requests.WithLabelValues(src, kind).Inc()
+	return err
+}
+
+func kindLabel(rt oci.Route) string {
+	if rt.Kind == oci.KindBlob {
+		return "blob"
+	}
+	return "manifest"
+}
+
+// serveTag resolves a tag. Tags are mutable: with a cache tier configured,
+// it decides. Only when it cannot answer do local and peer tags count.
+func (n *Node) serveTag(w http.ResponseWriter, r *http.Request, rt oci.Route, fromPeer bool) (string, error) {
+	ctx := r.Context()
+	var cacheErr error
+	if !fromPeer && n.cfg.CacheURL != "" {
+		err := n.relay(w, r, rt, []target{{base: n.cfg.CacheURL, client: n.cache}}, sourceCache)
+		if err == nil {
+			return sourceCache, nil
+		}
+		if authoritative(err) {
+			return "", err
+		}
+		cacheErr = err
+		n.cfg.Logger.InfoContext(ctx, "cache tier could not resolve tag, trying local and peers", "ref", rt.Reference(), "err", err)
+	}
+	d, err := n.cfg.Store.Resolve(ctx, rt.Reference())
+	if err == nil {
+		desc, err := n.cfg.Store.Stat(ctx, d)
+		if err == nil {
+			return sourceLocal, n.serveLocal(w, r, rt, desc)
+		}
+	}
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		n.cfg.Logger.WarnContext(ctx, "local store", "ref", rt.Reference(), "err", err)
+	}
+	if fromPeer {
+		return "", oci.ErrManifestUnknown
+	}
+	if err := n.relayPeers(w, r, rt, rt.Reference()); err == nil {
+		return sourcePeer, nil
+	} else if !errors.Is(err, errNoSource) {
+		return "", err
+	}
+	if cacheErr != nil {
+		return "", cacheErr
+	}
+	return "", oci.ErrManifestUnknown
+}
+
+// authoritative reports whether a cache-tier error is a real answer (the
+// manifest does not exist, the request is malformed) rather than the tier
+// being unable to answer (down, rate-limited, erroring).
+func authoritative(err error) bool {
+	var oe *oci.Error
+	if !errors.As(err, &oe) {
+		return false
+	}
+	return oe.Status == http.StatusNotFound || oe.Status == http.StatusBadRequest
+}
+
+// serveDigest serves content addressed by digest: local, peers, cache tier.
+func (n *Node) serveDigest(w http.ResponseWriter, r *http.Request, rt oci.Route, fromPeer bool) (string, error) {
+	ctx := r.Context()
+	desc, err := n.cfg.Store.Stat(ctx, rt.Digest)
+	if err == nil {
+		return sourceLocal, n.serveLocal(w, r, rt, desc)
+	}
+	if !errors.Is(err, store.ErrNotFound) {
+		n.cfg.Logger.WarnContext(ctx, "local store", "digest", rt.Digest, "err", err)
+	}
+	unknown := oci.ErrBlobUnknown
+	if rt.Kind == oci.KindManifest {
+		unknown = oci.ErrManifestUnknown
+	}
+	if fromPeer {
+		return "", unknown
+	}
+	err = n.relayPeers(w, r, rt, rt.Digest.String())
+	if err == nil {
+		return sourcePeer, nil
+	}
+	if !errors.Is(err, errNoSource) {
+		return "", err
+	}
+	if n.cfg.CacheURL != "" {
+		err := n.relay(w, r, rt, []target{{base: n.cfg.CacheURL, client: n.cache}}, sourceCache)
+		if err == nil {
+			return sourceCache, nil
+		}
+		if errors.Is(err, errNoSource) {
+			return "", unknown
+		}
+		return "", err
+	}
+	return "", unknown
+}
+
+// serveLocal serves content from the store. http.ServeContent handles
+// HEAD, Range and conditional requests, and sends an *os.File with sendfile.
+func (n *Node) serveLocal(w http.ResponseWriter, r *http.Request, rt oci.Route, desc ocispec.Descriptor) error {
+	ctx := r.Context()
+	mt := desc.MediaType
+	if rt.Kind == oci.KindManifest && !oci.IsManifestMediaType(mt) {
+		sniffed, err := n.sniff(ctx, desc)
+		if err != nil {
+			return err
+		}
+		if sniffed == "" {
+			return oci.ErrManifestUnknown
+		}
+		mt = sniffed
+	}
+	if rt.Kind == oci.KindBlob || mt == "" {
+		mt = "application/octet-stream"
+	}
+	var length = desc.Size
+	if rh := r.Header.Get("Range"); rh != "" {
+		br, ok, err := oci.ParseRange(rh, desc.Size)
+		if err != nil {
+			return err
+		}
+		if ok {
+			length = br.Length()
+		}
+	}
+	f, err := n.cfg.Store.Open(ctx, desc.Digest)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return oci.ErrBlobUnknown
+		}
+		return fmt.Errorf("open %s: %w", desc.Digest, err)
+	}
+	defer f.Close()
+	h := w.Header()
+	h.Set("Content-Type", mt)
+	h.Set("Docker-Content-Digest", desc.Digest.String())
+	h.Set("Etag", `"`+desc.Digest.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	http.ServeContent(w, r, "", time.Time{}, f)
+	if r.Method == http.MethodGet {
+		n.metrics.bytes.WithLabelValues(sourceLocal).Add(float64(length))
+	}
+	return nil
+}
+
+func (n *Node) sniff(ctx context.Context, desc ocispec.Descriptor) (string, error) {
+	if desc.Size > oci.MaxManifestSize {
+		return "", nil
+	}
+	f, err := n.cfg.Store.Open(ctx, desc.Digest)
+	if err != nil {
+		return "", fmt.Errorf("open %s: %w", desc.Digest, err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, oci.MaxManifestSize))
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", desc.Digest, err)
+	}
+	return oci.SniffManifestMediaType(b), nil
+}
+
+// relayPeers looks key up in the DHT and relays the request to the peers that hold it.
+func (n *Node) relayPeers(w http.ResponseWriter, r *http.Request, rt oci.Route, key string) error {
+	if n.cfg.Router == nil {
+		return errNoSource
+	}
+	lctx, cancel := context.WithTimeout(r.Context(), n.cfg.LookupTimeout)
+	start := time.Now()
+	peers, err := n.cfg.Router.Lookup(lctx, key, n.cfg.MaxPeers)
+	cancel()
+	n.metrics.lookup.Observe(time.Since(start).Seconds())
+	if err != nil {
+		n.cfg.Logger.InfoContext(r.Context(), "peer lookup failed", "key", key, "err", err)
+		return errNoSource
+	}
+	peers = n.picker.Order(peers)
+	if len(peers) == 0 {
+		return errNoSource
+	}
+	targets := make([]target, len(peers))
+	for i := range peers {
+		p := peers[i]
+		targets[i] = target{base: p.Addr, client: n.peers, peer: &p}
+	}
+	return n.relay(w, r, rt, targets, sourcePeer)
+}
+
+func contentLength(resp *http.Response) (int64, error) {
+	v := resp.Header.Get("Content-Length")
+	if v == "" {
+		return -1, nil
+	}
+	l, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || l < 0 {
+		return 0, fmt.Errorf("bad Content-Length %q", v)
+	}
+	return l, nil
+}
+
+// ready reports whether the first store snapshot reached the router.
+func (n *Node) ready() bool { return n.synced.Load() }
+
+// digestOf returns the route's digest, or the one the response declares.
+func digestOf(rt oci.Route, resp *http.Response) (digest.Digest, error) {
+	if rt.Digest != "" {
+		if h := resp.Header.Get("Docker-Content-Digest"); h != "" && h != rt.Digest.String() {
+			return "", fmt.Errorf("source answered %s with digest %s", rt.Digest, h)
+		}
+		return rt.Digest, nil
+	}
+	d, err := digest.Parse(resp.Header.Get("Docker-Content-Digest"))
+	if err != nil {
+		return "", fmt.Errorf("source gave no valid Docker-Content-Digest for %s", rt.Reference())
+	}
+	return d, nil
+}

@@ -1,0 +1,60 @@
+package node
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type metrics struct {
+	requests   *prometheus.CounterVec
+	bytes      *prometheus.CounterVec
+	lookup     prometheus.Histogram
+	hedges     prometheus.Counter
+	resumes    prometheus.Counter
+	aborts     prometheus.Counter
+	peerErrors prometheus.Counter
+	keys       prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shoal_node_requests_total",
+			Help: "Registry requests served by the node, by source (local, peer, cache, miss) and kind (manifest, blob).",
+		}, []string{"source", "kind"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shoal_node_served_bytes_total",
+			Help: "Body bytes served by the node, by source (local, peer, cache).",
+		}, []string{"source"}),
+		lookup: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "shoal_node_peer_lookup_duration_seconds",
+			Help:    "Time to look a key up in the DHT, as the handler sees it.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
+		}),
+		hedges: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_hedged_requests_total",
+			Help: "Extra peer requests sent because the first peer was slow to answer.",
+		}),
+		resumes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_resumed_transfers_total",
+			Help: "Blob transfers that broke mid-stream and resumed on another source with Range.",
+		}),
+		aborts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_aborted_transfers_total",
+			Help: "Relayed transfers cut off because no source could finish them or the bytes did not match the digest.",
+		}),
+		peerErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_peer_errors_total",
+			Help: "Peer requests that failed (connection, timeout, 5xx); the peer is skipped for a cool-down.",
+		}),
+		keys: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shoal_node_advertised_keys",
+			Help: "Digests and tags this node advertises to its peers.",
+		}),
+	}
+	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.peerErrors, m.keys} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,94 @@
+// Package node is the per-node registry mirror: an HTTP handler that serves
+// the distribution API's pull side from the node's own containerd, then from
+// peers found through the DHT, then from the cache tier.
+package node
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-oci/shoal/node/routing"
+	"github.com/shoal-oci/shoal/node/store"
+)
+
+// Store is where local content comes from. Implementations live in
+// node/store; they return errors wrapping store.ErrNotFound for unknown keys.
+type Store interface {
+	// Resolve maps a tag reference ("docker.io/library/alpine:3.20") to a manifest digest.
+	Resolve(ctx context.Context, ref string) (digest.Digest, error)
+	// Stat describes content. MediaType is set for manifests.
+	Stat(ctx context.Context, dgst digest.Digest) (ocispec.Descriptor, error)
+	// Open returns the content; an *os.File where possible so the kernel can sendfile.
+	Open(ctx context.Context, dgst digest.Digest) (io.ReadSeekCloser, error)
+	// Watch sends a Snapshot of every key, then changes, until ctx is done.
+	Watch(ctx context.Context, ch chan<- store.Event) error
+}
+
+// Router finds the peers that hold a key and announces this node's keys.
+type Router interface {
+	Advertise(ctx context.Context, keys []string) error
+	Withdraw(ctx context.Context, keys []string) error
+	Lookup(ctx context.Context, key string, max int) ([]routing.Peer, error)
+}
+
+// PeerHeader marks a request from another node. A node answers such a request
+// from its local store only, so requests between peers cannot loop.
+const PeerHeader = "X-Shoal-Peer"
+
+// Config configures a Node. Store is required; everything else is optional.
+type Config struct {
+	Store  Store
+	Router Router // nil: no peers
+	// CacheURL is the cache tier's base URL ("http://shoal-cache.shoal.svc:5000"). Empty: none.
+	CacheURL string
+	// CacheTransport carries requests to the cache tier (client token, TLS). Default: a plain transport.
+	CacheTransport http.RoundTripper
+	// PeerTransport carries requests to peers. Default: a plain transport with short dial timeouts.
+	PeerTransport http.RoundTripper
+	// Zone is this node's topology zone, used to prefer nearby peers.
+	Zone string
+	// MaxPeers bounds how many providers a lookup returns. Default 5.
+	MaxPeers int
+	// HedgeDelay is how long to wait for a peer's response headers before asking the next peer too. Default 150ms.
+	HedgeDelay time.Duration
+	// LookupTimeout bounds one DHT lookup. Default 1s.
+	LookupTimeout time.Duration
+	// PeerCoolDown is how long a failed peer is skipped. Default 30s.
+	PeerCoolDown time.Duration
+	Logger       *slog.Logger
+	Registerer   prometheus.Registerer
+}
+
+func (c *Config) setDefaults() {
+	if c.MaxPeers <= 0 {
+		c.MaxPeers = 5
+	}
+	if c.HedgeDelay <= 0 {
+		c.HedgeDelay = 150 * time.Millisecond
+	}
+	if c.LookupTimeout <= 0 {
+		c.LookupTimeout = time.Second
+	}
+	if c.PeerCoolDown <= 0 {
+		c.PeerCoolDown = 30 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+	if c.PeerTransport == nil {
+		c.PeerTransport = newTransport(500 * time.Millisecond)
+	}
+	if c.CacheTransport == nil {
+		c.CacheTransport = newTransport(2 * time.Second)
+	}
+}

@@ -1,0 +1,443 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/shoal-oci/shoal/node/routing"
+	"github.com/shoal-oci/shoal/oci"
+)
+
+// errNoSource means no target had the content; the caller tries the next tier.
+var errNoSource = errors.New("no source holds the content")
+
+// errAborted means the response was already under way when a source failed
+// for good; nothing more can be written to the client.
+var errAborted = errors.New("response aborted after headers were sent")
+
+// relayChunk is the copy buffer for relayed blobs. Large buffers mean fewer
+// syscalls per byte on a fast LAN.
+const relayChunk = 1 << 20
+
+// target is one place to relay a request to: a peer or the cache tier.
+type target struct {
+	base   string
+	client *http.Client
+	peer   *routing.Peer // nil for the cache tier
+}
+
+// attempt is a response in hand from one target, plus the bookkeeping to
+// finish it: done reports the outcome to the peer picker.
+type attempt struct {
+	i    int
+	resp *http.Response
+	done func(error)
+}
+
+// relay fetches rt from the targets, hedging across them, and writes the
+// answer to w. It returns errNoSource when no target had the content, or the
+// target's own OCI error when the single target (the cache tier) refused.
+func (n *Node) relay(w http.ResponseWriter, r *http.Request, rt oci.Route, targets []target, label string) error {
+	ctx := r.Context()
+	a, err := n.hedge(ctx, r.Method, rt, targets, r.Header.Get("Range"))
+	if err != nil {
+		return err
+	}
+	if rt.Kind == oci.KindManifest {
+		return n.relayManifest(w, r, rt, a, label)
+	}
+	return n.relayBlob(w, r, rt, targets, a, label)
+}
+
+// hedge sends the request to targets[0], and to the next target each time
+// HedgeDelay passes without an answer or an attempt fails. The first good
+// answer wins; the others are cancelled.
+func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets []target, rng string) (*attempt, error) {
+	type result struct {
+		attempt
+		err    error
+		cancel context.CancelFunc
+	}
+	if len(targets) == 0 {
+		return nil, errNoSource
+	}
+	results := make(chan result, len(targets))
+	cancels := make([]context.CancelFunc, len(targets))
+	next, pending := 0, 0
+	launch := func() {
+		i := next
+		next++
+		pending++
+		actx, cancel := context.WithCancel(ctx)
+		cancels[i] = cancel
+		done := func(error) {}
+		if p := targets[i].peer; p != nil {
+			done = n.picker.Start(*p)
+		}
+		go func() {
+			resp, err := n.do(actx, method, targets[i], rt, rng)
+			results <- result{attempt: attempt{i: i, resp: resp, done: done}, err: err, cancel: cancel}
+		}()
+	}
+	launch()
+	timer := time.NewTimer(n.cfg.HedgeDelay)
+	defer timer.Stop()
+	var firstErr error
+	for pending > 0 {
+		select {
+		case <-timer.C:
+			if next < len(targets) {
+				n.metrics.hedges.Inc()
+				launch()
+				timer.Reset(n.cfg.HedgeDelay)
+			}
+		case res := <-results:
+			pending--
+			if res.err == nil {
+				// Winner: cancel and drain the others in the background.
+				for j, c := range cancels {
+					if c != nil && j != res.i {
+						c()
+					}
+				}
+				go func(left int) {
+					for ; left > 0; left-- {
+						o := <-results
+						if o.resp != nil {
+							o.resp.Body.Close()
+						}
+						o.done(nil)
+						o.cancel()
+					}
+				}(pending)
+				winner := res.attempt
+				cancel := res.cancel
+				inner := winner.done
+				winner.done = func(err error) { inner(err); cancel() }
+				return &winner, nil
+			}
+			res.cancel()
+			if errors.Is(res.err, errNoSource) {
+				res.done(nil) // a stale record, not a sick peer
+			} else {
+				res.done(res.err)
+				if targets[res.i].peer != nil {
+					n.metrics.peerErrors.Inc()
+					n.cfg.Logger.InfoContext(ctx, "peer failed", "peer", targets[res.i].peer.ID, "err", res.err)
+				}
+			}
+			if firstErr == nil && !errors.Is(res.err, errNoSource) {
+				firstErr = res.err
+			}
+			if next < len(targets) {
+				launch()
+				timer.Reset(n.cfg.HedgeDelay)
+			}
+		}
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	var oe *oci.Error
+	if errors.As(firstErr, &oe) {
+		return nil, oe // a real answer from the cache tier: pass it on
+	}
+	return nil, errNoSource
+}
+
+// do sends one request to one target and classifies the answer.
+func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rng string) (*http.Response, error) {
+	ref := rt.Tag
+	kind := "manifests"
+	if rt.Tag == "" {
+		ref = rt.Digest.String()
+	}
+	if rt.Kind == oci.KindBlob {
+		kind = "blobs"
+	}
+	u := strings.TrimSuffix(t.base, "/") + "/v2/" + rt.Name + "/" + kind + "/" + ref + "?ns=" + url.QueryEscape(rt.Registry)
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("build request: %w", err)
+	}
+	if t.peer != nil {
+		req.Header.Set(PeerHeader, "1")
+	}
+	if rng != "" && rt.Kind == oci.KindBlob {
+		req.Header.Set("Range", rng)
+	}
+	if rt.Kind == oci.KindManifest {
+		req.Header.Set("Accept", oci.ManifestAccept)
+	}
+	resp, err := t.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", method, t.base, err)
+	}
+	switch resp.StatusCode {
+	case http.StatusOK, http.StatusPartialContent:
+		return resp, nil
+	case http.StatusNotFound:
+		resp.Body.Close()
+		return nil, errNoSource
+	}
+	defer resp.Body.Close()
+	return nil, errorFromResponse(resp)
+}
+
+// errorFromResponse turns a non-2xx answer into an *oci.Error, keeping the
+// status and the first error's code and message.
+func errorFromResponse(resp *http.Response) error {
+	oe := &oci.Error{Status: resp.StatusCode, Code: oci.CodeUnavailable, Message: http.StatusText(resp.StatusCode)}
+	var env struct {
+		Errors []struct {
+			Code    oci.ErrorCode `json:"code"`
+			Message string        `json:"message"`
+		} `json:"errors"`
+	}
+	if b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10)); err == nil && json.Unmarshal(b, &env) == nil && len(env.Errors) > 0 {
+		oe.Code, oe.Message = env.Errors[0].Code, env.Errors[0].Message
+	}
+	for _, h := range []string{"Retry-After", "Content-Range", "Warning"} {
+		if v := resp.Header.Get(h); v != "" {
+			if oe.Header == nil {
+				oe.Header = http.Header{}
+			}
+			oe.Header.Set(h, v)
+		}
+	}
+	return oe
+}
+
+// relayManifest reads a manifest whole (bounded), checks it against its
+// digest, and only then writes it.
+func (n *Node) relayManifest(w http.ResponseWriter, r *http.Request, rt oci.Route, a *attempt, label string) error {
+	resp := a.resp
+	defer resp.Body.Close()
+	d, err := digestOf(rt, resp)
+	if err != nil {
+		a.done(err)
+		return err
+	}
+	h := w.Header()
+	h.Set("Content-Type", resp.Header.Get("Content-Type"))
+	h.Set("Docker-Content-Digest", d.String())
+	if v := resp.Header.Get("Warning"); v != "" {
+		h.Set("Warning", v)
+	}
+	if r.Method == http.MethodHead {
+		a.done(nil)
+		if v := resp.Header.Get("Content-Length"); v != "" {
+			h.Set("Content-Length", v)
+		}
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, oci.MaxManifestSize+1))
+	if err == nil && len(b) > oci.MaxManifestSize {
+		err = fmt.Errorf("manifest %s larger than %d bytes", d, oci.MaxManifestSize)
+	}
+	if err == nil && (!d.Algorithm().Available() || d.Algorithm().FromBytes(b) != d) {
+		err = fmt.Errorf("%w: manifest %s", oci.ErrDigestMismatch, d)
+	}
+	a.done(err)
+	if err != nil {
+		n.cfg.Logger.WarnContext(r.Context(), "relayed manifest rejected", "source", label, "digest", d, "err", err)
+		return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "the %s tier returned an invalid manifest", label).Wrap(err)
+	}
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+	n.metrics.bytes.WithLabelValues(label).Add(float64(len(b)))
+	return nil
+}
+
+// span is the part of a blob a response covers.
+type span struct {
+	start, end, total int64 // inclusive end
+}
+
+func responseSpan(resp *http.Response) (span, error) {
+	if resp.StatusCode == http.StatusPartialContent {
+		var s span
+		cr := resp.Header.Get("Content-Range")
+		if _, err := fmt.Sscanf(cr, "bytes %d-%d/%d", &s.start, &s.end, &s.total); err != nil || s.start < 0 || s.end < s.start || s.end >= s.total {
+			return span{}, fmt.Errorf("bad Content-Range %q", cr)
+		}
+		return s, nil
+	}
+	l, err := contentLength(resp)
+	if err != nil || l < 0 {
+		return span{}, fmt.Errorf("response has no usable Content-Length")
+	}
+	return span{start: 0, end: l - 1, total: l}, nil
+}
+
+// relayBlob streams a blob. When the source breaks mid-stream it resumes on
+// another target with a Range request. A whole blob is hashed as it passes;
+// its last chunk is held back until the digest checks out, so a client never
+// receives a complete-looking body with bad bytes.
+func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, targets []target, a *attempt, label string) error {
+	ctx := r.Context()
+	s, err := responseSpan(a.resp)
+	if err == nil {
+		if dh := a.resp.Header.Get("Docker-Content-Digest"); dh != "" && dh != rt.Digest.String() {
+			err = fmt.Errorf("source answered %s with digest %s", rt.Digest, dh)
+		}
+	}
+	if err != nil {
+		a.resp.Body.Close()
+		a.done(err)
+		return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "the %s tier returned an invalid response", label).Wrap(err)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", rt.Digest.String())
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Etag", `"`+rt.Digest.String()+`"`)
+	h.Set("Content-Length", strconv.FormatInt(s.end-s.start+1, 10))
+	status := http.StatusOK
+	if a.resp.StatusCode == http.StatusPartialContent {
+		status = http.StatusPartialContent
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", s.start, s.end, s.total))
+	}
+	if r.Method == http.MethodHead {
+		a.resp.Body.Close()
+		a.done(nil)
+		w.WriteHeader(status)
+		return nil
+	}
+	w.WriteHeader(status)
+
+	var hasher hash.Hash
+	if status == http.StatusOK && rt.Digest.Algorithm().Available() {
+		hasher = rt.Digest.Algorithm().Hash()
+	}
+	c := &blobCopy{w: w, hasher: hasher, buf: make([]byte, relayChunk), held: make([]byte, 0, relayChunk)}
+	want := s.end - s.start + 1
+	used := map[int]bool{a.i: true}
+	for {
+		err := c.copy(a.resp.Body, want-c.n)
+		a.resp.Body.Close()
+		if err == nil && c.n == want {
+			a.done(nil)
+			break
+		}
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		a.done(err)
+		if c.writeErr != nil || ctx.Err() != nil {
+			return fmt.Errorf("%w: client went away: %v", errAborted, err)
+		}
+		n.cfg.Logger.InfoContext(ctx, "source broke mid-stream, resuming elsewhere", "digest", rt.Digest, "offset", s.start+c.n, "err", err)
+		var rest []target
+		for i, t := range targets {
+			if !used[i] {
+				rest = append(rest, t)
+			}
+		}
+		next, herr := n.hedge(ctx, http.MethodGet, rt, rest, fmt.Sprintf("bytes=%d-%d", s.start+c.n, s.end))
+		if herr != nil {
+			n.abort(ctx, rt, label, fmt.Errorf("resume: %w", herr))
+		}
+		// hedge indexes into rest; map back to targets.
+		for i, t := range targets {
+			if !used[i] && t.base == rest[next.i].base {
+				next.i = i
+				break
+			}
+		}
+		used[next.i] = true
+		ns, serr := responseSpan(next.resp)
+		if serr != nil || next.resp.StatusCode != http.StatusPartialContent || ns.start != s.start+c.n || ns.end != s.end {
+			next.resp.Body.Close()
+			next.done(fmt.Errorf("bad resume answer: %v", serr))
+			n.abort(ctx, rt, label, fmt.Errorf("resume: source ignored the range"))
+		}
+		n.metrics.resumes.Inc()
+		a = next
+	}
+	if hasher != nil && digest.NewDigest(rt.Digest.Algorithm(), hasher) != rt.Digest {
+		n.abort(ctx, rt, label, oci.ErrDigestMismatch)
+	}
+	if err := c.flush(); err != nil {
+		return fmt.Errorf("%w: %v", errAborted, err)
+	}
+	n.metrics.bytes.WithLabelValues(label).Add(float64(c.n))
+	return nil
+}
+
+// abort ends a response whose headers are already sent: the client sees a
+// broken connection, never a complete-looking body.
+func (n *Node) abort(ctx context.Context, rt oci.Route, label string, err error) {
+	n.metrics.aborts.Inc()
+	n.cfg.Logger.WarnContext(ctx, "relay aborted", "source", label, "digest", rt.Digest, "err", err)
+	panic(http.ErrAbortHandler)
+}
+
+// blobCopy copies bytes to the client, hashing them and holding the latest
+// chunk back until flush.
+type blobCopy struct {
+	w        io.Writer
+	hasher   hash.Hash
+	buf      []byte
+	held     []byte
+	n        int64 // bytes received (held ones included)
+	writeErr error
+}
+
+// copy reads up to max bytes from r. It returns nil at EOF or after max bytes.
+func (c *blobCopy) copy(r io.Reader, max int64) error {
+	for max > 0 {
+		p := c.buf
+		if int64(len(p)) > max {
+			p = p[:max]
+		}
+		k, err := io.ReadFull(r, p)
+		if k > 0 {
+			if c.hasher != nil {
+				c.hasher.Write(p[:k])
+			}
+			if err := c.flush(); err != nil {
+				return err
+			}
+			// Swap buffers: the chunk just read is held, the flushed one is reused.
+			c.held, c.buf = p[:k], c.held[:cap(c.held)]
+			c.n += int64(k)
+			max -= int64(k)
+		}
+		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+			if max > 0 {
+				return io.ErrUnexpectedEOF
+			}
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *blobCopy) flush() error {
+	if len(c.held) == 0 {
+		return nil
+	}
+	_, err := c.w.Write(c.held)
+	c.held = c.held[:0]
+	if err != nil {
+		c.writeErr = err
+	}
+	return err
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs and prints nothing else but progress.
+# Binaries are cached under $SHOAL_TEST_CACHE (default ~/.cache/shoal-test), keyed by version,
+# so a second run costs seconds. Safe to run repeatedly.
+set -euo pipefail
+
+CACHE=${SHOAL_TEST_CACHE:-$HOME/.cache/shoal-test}
+BIN=$CACHE/bin
+mkdir -p "$BIN"
+
+CONTAINERD_V2=${CONTAINERD_V2:-v2.4.2}
+CONTAINERD_V1=${CONTAINERD_V1:-v1.7.29}
+CRANE_V=v0.22.1
+ORAS_V=v1.3.6
+REGCTL_V=v0.11.7
+CONFORMANCE_V=v0.0.0-20260831232431-97274622c111
+
+log() { echo "[install] $*" >&2; }
+
+apt_pkgs=()
+command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
+command -v nginx >/dev/null || apt_pkgs+=(nginx-light)
+command -v ip >/dev/null || apt_pkgs+=(iproute2)
+if ((${#apt_pkgs[@]})); then
+  log "apt-get install ${apt_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || true
+  apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+  # The Debian packages start services by default on some images; tests start their own.
+  systemctl stop redis-server nginx >/dev/null 2>&1 || true
+fi
+
+gobin() { # name version pkg...
+  local name=$1 ver=$2; shift 2
+  local dir=$BIN/$name-$ver
+  if [[ ! -x $dir/.done ]]; then
+    log "building $name $ver"
+    mkdir -p "$dir"
+    GOBIN=$dir GOFLAGS= go install "$@"
+    touch "$dir/.done"; chmod +x "$dir/.done"
+  fi
+}
+
+gobin containerd "$CONTAINERD_V2" \
+  "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_V2" \
+  "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_V2"
+
+# containerd 1.7 refuses `go install` because of exclude directives: build through a wrapper module.
+d1=$BIN/containerd-$CONTAINERD_V1
+if [[ ! -x $d1/.done ]]; then
+  log "building containerd $CONTAINERD_V1 (wrapper module)"
+  w=$(mktemp -d)
+  (cd "$w" && go mod init shoal-wrap-containerd >/dev/null 2>&1 &&
+    GOFLAGS=-mod=mod go get "github.com/containerd/containerd@$CONTAINERD_V1" >/dev/null 2>&1 &&
+    mkdir -p "$d1" && GOFLAGS=-mod=mod go build -o "$d1/containerd" github.com/containerd/containerd/cmd/containerd)
+  rm -rf "$w"
+  touch "$d1/.done"; chmod +x "$d1/.done"
+fi
+
+gobin crane "$CRANE_V" "github.com/google/go-containerregistry/cmd/crane@$CRANE_V"
+gobin oras "$ORAS_V" "oras.land/oras/cmd/oras@$ORAS_V"
+gobin regctl "$REGCTL_V" "github.com/regclient/regclient/cmd/regctl@$REGCTL_V"
+
+dc=$BIN/conformance-$CONFORMANCE_V
+if [[ ! -x $dc/.done ]]; then
+  log "building distribution-spec conformance $CONFORMANCE_V"
+  src=$(GOFLAGS= go mod download -json "github.com/opencontainers/distribution-spec/conformance@$CONFORMANCE_V" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  mkdir -p "$dc"
+  (cd "$src" && GOFLAGS=-mod=mod go test -c -o "$dc/conformance.test" .)
+  touch "$dc/.done"; chmod +x "$dc/.done"
+fi
+
+# The environment the tests read (printed for `eval`).
+cat <<ENV
+export SHOAL_CONTAINERD_BIN=$BIN/containerd-$CONTAINERD_V2/containerd
+export SHOAL_CTR_BIN=$BIN/containerd-$CONTAINERD_V2/ctr
+export SHOAL_CONTAINERD17_BIN=$d1/containerd
+export SHOAL_CRANE_BIN=$BIN/crane-$CRANE_V/crane
+export SHOAL_ORAS_BIN=$BIN/oras-$ORAS_V/oras
+export SHOAL_REGCTL_BIN=$BIN/regctl-$REGCTL_V/regctl
+export SHOAL_CONFORMANCE_BIN=$dc/conformance.test
+ENV
