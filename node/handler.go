@@ -31,6 +31,7 @@ const (
 // port and runs the advertiser that keeps the DHT in step with the store.
 type Node struct {
 	cfg     Config
+	allowed map[string]bool // nil: every registry
 	picker  *routing.Picker
 	metrics *metrics
 	peers   *http.Client
@@ -48,8 +49,20 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: register metrics: %w", err)
 	}
+	var allowed map[string]bool
+	for _, r := range cfg.Registries {
+		reg, err := oci.NormalizeRegistry(r)
+		if err != nil {
+			return nil, fmt.Errorf("node: registry %q: %w", r, err)
+		}
+		if allowed == nil {
+			allowed = map[string]bool{}
+		}
+		allowed[reg] = true
+	}
 	return &Node{
 		cfg:     cfg,
+		allowed: allowed,
 		picker:  routing.NewPicker(cfg.Zone, cfg.PeerCoolDown, time.Now),
 		metrics: m,
 		peers:   &http.Client{Transport: cfg.PeerTransport, CheckRedirect: noRedirects},
@@ -100,6 +113,9 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request) error {
 			_, _ = io.WriteString(w, "{}")
 		}
 		return nil
+	}
+	if n.allowed != nil && !n.allowed[rt.Registry] {
+		return oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not mirrored by this node", rt.Registry)
 	}
 	fromPeer := r.Header.Get(PeerHeader) != ""
 	kind := kindLabel(rt)

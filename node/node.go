@@ -52,6 +52,10 @@ type Config struct {
 	CacheTransport http.RoundTripper
 	// PeerTransport carries requests to peers. Default: a plain transport with short dial timeouts.
 	PeerTransport http.RoundTripper
+	// Registries limits which registries (?ns=) the node serves. Requests
+	// for any other registry get 404 NAME_UNKNOWN, so containerd goes to
+	// its next host. Empty: every registry.
+	Registries []string
 	// Zone is this node's topology zone, used to prefer nearby peers.
 	Zone string
 	// MaxPeers bounds how many providers a lookup returns. Default 5.

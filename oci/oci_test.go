@@ -131,11 +131,11 @@ func TestVerifyingReader(t *testing.T) {
 func TestSniffManifestMediaType(t *testing.T) {
 	tests := map[string]string{
 		`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}`: "application/vnd.oci.image.index.v1+json",
-		`{"schemaVersion":2,"config":{},"layers":[]}`:                                               "application/vnd.oci.image.manifest.v1+json",
-		`{"schemaVersion":2,"manifests":[]}`:                                                        "application/vnd.oci.image.index.v1+json",
-		`{"schemaVersion":2,"mediaType":"text/html"}`:                                               "",
-		"\x1f\x8b\x08binary":                                                                        "",
-		`{"architecture":"amd64"}`:                                                                  "",
+		`{"schemaVersion":2,"config":{},"layers":[]}`:                                              "application/vnd.oci.image.manifest.v1+json",
+		`{"schemaVersion":2,"manifests":[]}`:                                                       "application/vnd.oci.image.index.v1+json",
+		`{"schemaVersion":2,"mediaType":"text/html"}`:                                              "",
+		"\x1f\x8b\x08binary":       "",
+		`{"architecture":"amd64"}`: "",
 	}
 	for in, want := range tests {
 		if got := SniffManifestMediaType([]byte(in)); got != want {

@@ -12,9 +12,9 @@ const hexA = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 func TestParsePath(t *testing.T) {
 	tests := []struct {
 		name, path, query string
-		want                Route
-		status              int
-		code                ErrorCode
+		want              Route
+		status            int
+		code              ErrorCode
 	}{
 		{name: "base", path: "/v2/", want: Route{Kind: KindBase, Registry: "docker.io"}},
 		{name: "base without slash", path: "/v2", want: Route{Kind: KindBase, Registry: "docker.io"}},

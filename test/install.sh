@@ -14,6 +14,9 @@ CRANE_V=v0.22.1
 ORAS_V=v1.3.6
 REGCTL_V=v0.11.7
 CONFORMANCE_V=v0.0.0-20260831232431-97274622c111
+HELM_V=v3.22.0
+ETCD_V=v3.6.5
+KUBE_V=v1.35.0
 
 log() { echo "[install] $*" >&2; }
 
@@ -70,6 +73,49 @@ if [[ ! -x $dc/.done ]]; then
   touch "$dc/.done"; chmod +x "$dc/.done"
 fi
 
+# The chart tests: helm, and a real etcd + kube-apiserver (no kubelet) built
+# from the module proxy through wrapper modules. kube-apiserver takes ~6 min cold.
+gobin helm "$HELM_V" "helm.sh/helm/v3/cmd/helm@$HELM_V"
+
+de=$BIN/etcd-$ETCD_V
+if [[ ! -x $de/.done ]]; then
+  log "building etcd $ETCD_V (wrapper module)"
+  w=$(mktemp -d)
+  (cd "$w" && go mod init shoal-wrap-etcd >/dev/null 2>&1 &&
+    GOFLAGS=-mod=mod go get "go.etcd.io/etcd/server/v3@$ETCD_V" >/dev/null 2>&1 &&
+    mkdir -p "$de" && GOFLAGS=-mod=mod go build -o "$de/etcd" go.etcd.io/etcd/server/v3)
+  rm -rf "$w"
+  touch "$de/.done"; chmod +x "$de/.done"
+fi
+
+dk=$BIN/kube-apiserver-$KUBE_V
+if [[ ! -x $dk/.done ]]; then
+  log "building kube-apiserver $KUBE_V (wrapper module, ~6 min cold)"
+  w=$(mktemp -d)
+  sv=v0.${KUBE_V#v1.}
+  {
+    echo "module shoal-wrap-kube"
+    echo "go 1.25"
+    echo "require k8s.io/kubernetes $KUBE_V"
+    echo "replace ("
+    for m in api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider \
+      cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api \
+      cri-client csi-translation-lib dynamic-resource-allocation endpointslice externaljwt kms \
+      kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics \
+      mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller \
+      streaming; do
+      echo "  k8s.io/$m => k8s.io/$m $sv"
+    done
+    echo ")"
+  } >"$w/go.mod"
+  minor=${KUBE_V#v1.}; minor=${minor%%.*}
+  ldf="-X k8s.io/component-base/version.gitVersion=$KUBE_V -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  (cd "$w" && mkdir -p "$dk" &&
+    GOFLAGS=-mod=mod go build -ldflags "$ldf" -o "$dk/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver)
+  rm -rf "$w"
+  touch "$dk/.done"; chmod +x "$dk/.done"
+fi
+
 # The environment the tests read (printed for `eval`).
 cat <<ENV
 export SHOAL_CONTAINERD_BIN=$BIN/containerd-$CONTAINERD_V2/containerd
@@ -79,4 +125,7 @@ export SHOAL_CRANE_BIN=$BIN/crane-$CRANE_V/crane
 export SHOAL_ORAS_BIN=$BIN/oras-$ORAS_V/oras
 export SHOAL_REGCTL_BIN=$BIN/regctl-$REGCTL_V/regctl
 export SHOAL_CONFORMANCE_BIN=$dc/conformance.test
+export SHOAL_HELM_BIN=$BIN/helm-$HELM_V/helm
+export SHOAL_ETCD_BIN=$de/etcd
+export SHOAL_KUBE_APISERVER_BIN=$dk/kube-apiserver
 ENV

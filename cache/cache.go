@@ -1,0 +1,142 @@
+// Package cache is the shared pull-through cache: a distribution-API
+// handler (pull side) on distribution v3 storage. It fetches each digest from
+// upstream once (cache/flight), revalidates tags with free HEAD requests
+// within a freshness window, spends the Docker Hub budget only where a pull
+// needs it (upstream/budget), and serves stale content when upstream is
+// rate-limited or down.
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/upstream"
+)
+
+// Flight runs one fetch per key, across callers and replicas.
+// *flight.Local and *flight.Redis implement it.
+type Flight interface {
+	Do(ctx context.Context, key string, job flight.Job) (flight.Result, error)
+}
+
+// Upstream is the client to the real registries. *upstream.Client implements it.
+type Upstream interface {
+	HeadManifest(ctx context.Context, registry, repo, ref string) (upstream.Descriptor, error)
+	GetManifest(ctx context.Context, registry, repo, ref string) ([]byte, upstream.Descriptor, error)
+	GetBlob(ctx context.Context, registry, repo string, dgst digest.Digest, offset int64) (io.ReadCloser, int64, error)
+	Account(registry string) string
+}
+
+// Budget decides whether a counted upstream request may be spent.
+// *budget.Budget implements it.
+type Budget interface {
+	Allow(ctx context.Context, upstream, account string, cold bool) error
+}
+
+// Config configures a Cache.
+type Config struct {
+	// Driver is the distribution storage driver. Required.
+	Driver   storagedriver.StorageDriver
+	Upstream Upstream // required
+	Flight   Flight   // required
+	Budget   Budget   // nil: no budget checks
+	// Registries lists the upstream registries served, by host ("docker.io").
+	// A request for any other ?ns= gets 404 NAME_UNKNOWN.
+	Registries []string
+	// TagFreshness is how long a tag is served without asking upstream. Default 5m.
+	TagFreshness time.Duration
+	// TagFreshnessBy overrides TagFreshness per registry.
+	TagFreshnessBy map[string]time.Duration
+	// UpstreamTimeout bounds a revalidation or a manifest fetch: past it, a
+	// cached tag is served stale. Default 5s.
+	UpstreamTimeout time.Duration
+	// MaxSize bounds the stored blobs in bytes; 0 means unbounded.
+	MaxSize int64
+	// EvictInterval is how often the size bound is enforced. Default 1m.
+	EvictInterval time.Duration
+	Logger        *slog.Logger
+	Registerer    prometheus.Registerer
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Cache is the pull-through cache. It implements http.Handler.
+type Cache struct {
+	cfg        Config
+	store      *store
+	registries map[string]bool
+	metrics    *metrics
+	evict      *evictor
+}
+
+// New builds a Cache on cfg.Driver.
+func New(ctx context.Context, cfg Config) (*Cache, error) {
+	if cfg.Driver == nil || cfg.Upstream == nil || cfg.Flight == nil {
+		return nil, errors.New("cache: Driver, Upstream and Flight are required")
+	}
+	if cfg.TagFreshness <= 0 {
+		cfg.TagFreshness = 5 * time.Minute
+	}
+	if cfg.UpstreamTimeout <= 0 {
+		cfg.UpstreamTimeout = 5 * time.Second
+	}
+	if cfg.EvictInterval <= 0 {
+		cfg.EvictInterval = time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer == nil {
+		cfg.Registerer = prometheus.NewRegistry()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	st, err := newStore(ctx, cfg.Driver)
+	if err != nil {
+		return nil, err
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("cache: register metrics: %w", err)
+	}
+	regs := map[string]bool{}
+	for _, r := range cfg.Registries {
+		regs[r] = true
+	}
+	c := &Cache{cfg: cfg, store: st, registries: regs, metrics: m}
+	c.evict = newEvictor(st, cfg.MaxSize, cfg.Logger, m, cfg.Now)
+	return c, nil
+}
+
+// Run enforces the size bound until ctx is done.
+func (c *Cache) Run(ctx context.Context) error {
+	if c.cfg.MaxSize <= 0 {
+		<-ctx.Done()
+		return nil
+	}
+	t := time.NewTicker(c.cfg.EvictInterval)
+	defer t.Stop()
+	for {
+		if err := c.evict.run(ctx); err != nil && ctx.Err() == nil {
+			c.cfg.Logger.WarnContext(ctx, "eviction failed", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Evict runs one eviction pass now (for tests and operators).
+func (c *Cache) Evict(ctx context.Context) error { return c.evict.run(ctx) }

@@ -1,0 +1,293 @@
+package flight
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+)
+
+// Local is an in-process flight: at most one fetch per key at a time, shared
+// by every caller that asks while it runs. The fetch runs detached from the
+// callers' contexts, so it survives any of them leaving; it is forgotten as
+// soon as it is committed or has failed.
+type Local struct {
+	dir string
+	cfg config
+	m   *metrics
+
+	mu    sync.Mutex
+	calls map[string]*call
+}
+
+// A gate runs in the flight before Fetch. The Redis flight uses it to take
+// the cross-replica lease, or to wait for another replica to commit
+// (elsewhere). release, if not nil, runs after Commit or a failed Fetch.
+type gate func(ctx context.Context) (elsewhere bool, release func(), err error)
+
+// call is one flight. ready is closed once the flight streams, turned out to
+// be elsewhere, or failed to start; the fields above mu are set before then.
+type call struct {
+	ready     chan struct{}
+	elsewhere bool
+	startErr  error
+
+	mu   sync.Mutex
+	file *os.File
+	size int64
+	done bool
+	err  error
+	wake chan struct{} // closed and replaced whenever size or done changes
+	refs int           // attached callers, plus one for the running flight
+}
+
+// NewLocal returns a Local that spools fetches into files under spoolDir,
+// creating it if needed. Options: WithLogger, WithRegisterer, WithTimeout.
+func NewLocal(spoolDir string, opts ...Option) (*Local, error) {
+	cfg := newConfig(opts)
+	if err := os.MkdirAll(spoolDir, 0o700); err != nil {
+		return nil, fmt.Errorf("flight spool dir: %w", err)
+	}
+	m, err := newMetrics(cfg.reg)
+	if err != nil {
+		return nil, err
+	}
+	return &Local{dir: spoolDir, cfg: cfg, m: m, calls: make(map[string]*call)}, nil
+}
+
+// Do joins the flight for key, starting it with job if none is running. It
+// returns once the flight streams; the Body then follows the fetch as it
+// writes. ctx bounds this caller's wait and reads, never the fetch.
+func (l *Local) Do(ctx context.Context, key string, job Job) (Result, error) {
+	return l.do(ctx, key, job, nil)
+}
+
+func (l *Local) do(ctx context.Context, key string, job Job, g gate) (Result, error) {
+	if job.Fetch == nil || job.Commit == nil {
+		return Result{}, errors.New("flight: job needs Fetch and Commit")
+	}
+	l.mu.Lock()
+	c, joined := l.calls[key]
+	joined = false
+	if !joined {
+		c = &call{ready: make(chan struct{}), wake: make(chan struct{}), refs: 1}
+		l.calls[key] = c
+	}
+	c.mu.Lock()
+	c.refs++
+	c.mu.Unlock()
+	l.mu.Unlock()
+	l.m.waiters.Inc()
+	if joined {
+		l.m.dedup.Inc()
+	} else {
+		go l.run(context.WithoutCancel(ctx), key, c, job, g)
+	}
+
+	select {
+	case <-c.ready:
+	case <-ctx.Done():
+		l.leave(c)
+		return Result{}, fmt.Errorf("flight %s: %w", key, ctx.Err())
+	}
+	switch {
+	case c.startErr != nil:
+		l.leave(c)
+		return Result{}, c.startErr
+	case c.elsewhere:
+		l.leave(c)
+		return Result{Elsewhere: true}, nil
+	}
+	return Result{Body: &body{l: l, c: c, ctx: ctx}, Leader: !joined}, nil
+}
+
+// run is the flight: gate, spool, Fetch, Commit, forget.
+func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
+	ctx, cancel := context.WithTimeout(ctx, l.cfg.timeout)
+	defer cancel()
+	defer c.unref()
+	log := l.cfg.log.With("key", key)
+
+	release := func() {}
+	if g != nil {
+		elsewhere, rel, err := g(ctx)
+		if err != nil || elsewhere {
+			if elsewhere {
+				l.m.dedup.Inc()
+			}
+			c.elsewhere, c.startErr = elsewhere, err
+			l.forget(key, c)
+			close(c.ready)
+			return
+		}
+		if rel != nil {
+			release = rel
+		}
+	}
+	f, err := os.CreateTemp(l.dir, "flight-*")
+	if err != nil {
+		release()
+		c.startErr = fmt.Errorf("flight %s: spool: %w", key, err)
+		l.forget(key, c)
+		close(c.ready)
+		return
+	}
+	c.mu.Lock()
+	c.file = f
+	c.mu.Unlock()
+	close(c.ready)
+
+	if err := job.Fetch(ctx, spool{c}); err != nil {
+		// Forget before readers see the error, so that a caller who retries
+		// starts a new flight rather than joining this failed one.
+		err = fmt.Errorf("flight %s: fetch: %w", key, err)
+		log.Warn("flight fetch failed", "err", err)
+		l.m.fetches.WithLabelValues("fetch_error").Inc()
+		l.unlink(f.Name())
+		release()
+		l.forget(key, c)
+		c.finish(err)
+		return
+	}
+	c.finish(nil)
+	result := "committed"
+	if err := commit(ctx, f.Name(), job); err != nil {
+		result = "commit_error"
+		log.Warn("flight commit failed", "err", err)
+	}
+	l.m.fetches.WithLabelValues(result).Inc()
+	l.unlink(f.Name())
+	release()
+	l.forget(key, c)
+}
+
+func (l *Local) unlink(path string) {
+	if err := os.Remove(path); err != nil {
+		l.cfg.log.Warn("flight spool unlink", "path", path, "err", err)
+	}
+}
+
+// commit hands Job.Commit a file of its own, positioned at 0.
+func commit(ctx context.Context, path string, job Job) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open spool: %w", err)
+	}
+	defer f.Close()
+	if err := job.Commit(ctx, f); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+func (l *Local) forget(key string, c *call) {
+	l.mu.Lock()
+	if l.calls[key] == c {
+		delete(l.calls, key)
+	}
+	l.mu.Unlock()
+}
+
+// leave detaches a caller.
+func (l *Local) leave(c *call) {
+	l.m.waiters.Dec()
+	c.unref()
+}
+
+// unref drops one reference; the last one closes the (already unlinked) spool.
+func (c *call) unref() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.refs--
+	if c.refs == 0 && c.file != nil {
+		_ = c.file.Close()
+	}
+}
+
+// finish ends the fetch and wakes every reader.
+func (c *call) finish(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.done, c.err = true, err
+	close(c.wake)
+}
+
+var errFinished = errors.New("flight: write after fetch returned")
+
+// spool is the io.Writer that Fetch writes into.
+type spool struct{ c *call }
+
+func (s spool) Write(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return 0, errFinished
+	}
+	n, err := c.file.Write(p)
+	if n > 0 {
+		c.size += int64(n)
+		close(c.wake)
+		c.wake = make(chan struct{})
+	}
+	if err != nil {
+		return n, fmt.Errorf("write spool: %w", err)
+	}
+	return n, nil
+}
+
+// body reads the spool from 0, waiting at its end for the fetch.
+type body struct {
+	l      *Local
+	c      *call
+	ctx    context.Context
+	off    int64
+	closed bool
+}
+
+func (b *body) Read(p []byte) (int, error) {
+	if b.closed {
+		return 0, os.ErrClosed
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	c := b.c
+	for {
+		if err := b.ctx.Err(); err != nil {
+			return 0, fmt.Errorf("flight: %w", err)
+		}
+		c.mu.Lock()
+		size, done, ferr, wake := c.size, c.done, c.err, c.wake
+		c.mu.Unlock()
+		if b.off < size {
+			p = p[:min(int64(len(p)), size-b.off)]
+			n, err := c.file.ReadAt(p, b.off)
+			b.off += int64(n)
+			if n > 0 {
+				return n, nil
+			}
+			return 0, fmt.Errorf("flight: read spool: %w", err)
+		}
+		if done {
+			if ferr != nil {
+				return 0, ferr
+			}
+			return 0, io.EOF
+		}
+		select {
+		case <-wake:
+		case <-b.ctx.Done():
+		}
+	}
+}
+
+func (b *body) Close() error {
+	if !b.closed {
+		b.closed = true
+		b.l.leave(b.c)
+	}
+	return nil
+}

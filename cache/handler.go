@@ -1,0 +1,495 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/oci"
+	"github.com/shoal-oci/shoal/upstream"
+	"github.com/shoal-oci/shoal/upstream/budget"
+)
+
+// Results of a request, the label of shoal_cache_requests_total.
+const (
+	resultHit         = "hit"         // served from storage, no upstream request
+	resultMiss        = "miss"        // fetched from upstream
+	resultRevalidated = "revalidated" // tag checked upstream with a free HEAD, unchanged
+	resultStale       = "stale"       // served from storage although upstream could not confirm it
+	resultError       = "error"
+)
+
+// staleWarning is the RFC 7234 warning for a response served stale.
+const staleWarning = `110 shoal "Response is stale: %s"`
+
+// req is one parsed request.
+type req struct {
+	oci.Route
+	repo string // upstream repository, "library/" added for Docker Hub
+	head bool
+}
+
+// ServeHTTP serves the distribution API, pull side.
+func (c *Cache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	result, kind, err := c.serve(w, r)
+	if err != nil {
+		result = resultError
+		var oe *oci.Error
+		if !errors.As(err, &oe) || oe.Status >= 500 {
+			c.cfg.Logger.WarnContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+		}
+		if !errors.Is(err, errAborted) {
+			oci.WriteError(w, r, err)
+		}
+	}
+	if kind != "" {
+		c.metrics.requests.WithLabelValues(result, kind).Inc()
+	}
+}
+
+// errAborted marks an error after the response started: nothing more can be written.
+var errAborted = errors.New("response aborted")
+
+func (c *Cache) serve(w http.ResponseWriter, r *http.Request) (result, kind string, err error) {
+	rt, err := oci.ParseRoute(r)
+	if err != nil {
+		return "", "", err
+	}
+	if rt.Kind == oci.KindBase {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		if r.Method == http.MethodGet {
+			_, _ = io.WriteString(w, "{}")
+		}
+		return "", "", nil
+	}
+	if !c.registries[rt.Registry] {
+		return "", "", oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not configured as an upstream of this cache", rt.Registry)
+	}
+	q := req{Route: rt, repo: upstream.NormalizeRepo(rt.Registry, rt.Name), head: r.Method == http.MethodHead}
+	if err := oci.ValidateName(q.repo); err != nil {
+		return "", "", err
+	}
+	switch {
+	case rt.Kind == oci.KindBlob:
+		result, err = c.serveBlob(w, r, q)
+		return result, "blob", err
+	case rt.Tag != "":
+		result, err = c.serveTag(w, r, q)
+	default:
+		result, err = c.serveManifestDigest(w, r, q, true)
+	}
+	return result, "manifest", err
+}
+
+// serveTag resolves a tag: fresh record → storage; stale record → free
+// upstream HEAD; unknown tag → HEAD, then a counted GET only for content
+// the cache does not already hold.
+func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string, error) {
+	ctx := r.Context()
+	rec, ok, err := c.store.getTag(ctx, q.Registry, q.repo, q.Tag)
+	if err != nil {
+		return "", err
+	}
+	now := c.cfg.Now()
+	if ok && now.Sub(rec.Validated) < c.freshness(q.Registry) {
+		if served, err := c.serveStoredManifest(w, r, q, rec.Digest, ""); served || err != nil {
+			return resultHit, err
+		}
+	}
+	hctx, cancel := context.WithTimeout(ctx, c.cfg.UpstreamTimeout)
+	desc, herr := c.cfg.Upstream.HeadManifest(hctx, q.Registry, q.repo, q.Tag)
+	cancel()
+	if herr != nil {
+		if upstream.IsNotFound(herr) {
+			if ok {
+				_ = c.store.deleteTag(ctx, q.Registry, q.repo, q.Tag)
+			}
+			return "", oci.ErrManifestUnknown
+		}
+		if ok {
+			if served, err := c.serveStoredManifest(w, r, q, rec.Digest, staleReason(herr)); served || err != nil {
+				c.metrics.stale.WithLabelValues(staleLabel(herr)).Inc()
+				return resultStale, err
+			}
+		}
+		return "", c.upstreamError(herr, "tag "+q.Reference())
+	}
+	result := resultMiss
+	if ok && rec.Digest == desc.Digest {
+		result = resultRevalidated
+	}
+	rec = tagRecord{Digest: desc.Digest, MediaType: desc.MediaType, Size: desc.Size, Validated: now}
+	if err := c.store.putTag(ctx, q.Registry, q.repo, q.Tag, rec); err != nil {
+		c.cfg.Logger.WarnContext(ctx, "could not record tag", "ref", q.Reference(), "err", err)
+	}
+	if served, err := c.serveStoredManifest(w, r, q, desc.Digest, ""); served || err != nil {
+		if result == resultMiss {
+			result = resultHit // new tag, content already held: no counted request
+		}
+		return result, err
+	}
+	if q.head {
+		// A HEAD never costs a counted request: answer from the upstream HEAD.
+		writeManifestHeaders(w, desc.Digest, desc.MediaType, desc.Size)
+		w.WriteHeader(http.StatusOK)
+		return resultMiss, nil
+	}
+	qd := q
+	qd.Digest, qd.Tag = desc.Digest, ""
+	if _, err := c.serveManifestDigest(w, r, qd, true); err != nil {
+		return "", err
+	}
+	return resultMiss, nil
+}
+
+func staleLabel(err error) string {
+	switch {
+	case errors.Is(err, budget.ErrExhausted), upstream.IsRateLimited(err):
+		return "rate_limited"
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	default:
+		return "unavailable"
+	}
+}
+
+func staleReason(err error) string {
+	switch staleLabel(err) {
+	case "rate_limited":
+		return "upstream rate limit reached"
+	case "timeout":
+		return "upstream too slow"
+	default:
+		return "upstream unavailable"
+	}
+}
+
+// serveStoredManifest serves manifest d from storage if it is there. A
+// non-empty stale reason adds a Warning header.
+func (c *Cache) serveStoredManifest(w http.ResponseWriter, r *http.Request, q req, d digest.Digest, stale string) (bool, error) {
+	b, mt, ok, err := c.store.getManifest(r.Context(), q.Registry, q.repo, d)
+	if err != nil || !ok {
+		return false, err
+	}
+	if stale != "" {
+		w.Header().Set("Warning", fmt.Sprintf(staleWarning, stale))
+	}
+	writeManifestHeaders(w, d, mt, int64(len(b)))
+	c.evict.touch(d)
+	w.WriteHeader(http.StatusOK)
+	if !q.head {
+		_, _ = w.Write(b)
+		c.metrics.served.Add(float64(len(b)))
+	}
+	return true, nil
+}
+
+func writeManifestHeaders(w http.ResponseWriter, d digest.Digest, mt string, size int64) {
+	h := w.Header()
+	if mt == "" {
+		mt = "application/vnd.oci.image.manifest.v1+json"
+	}
+	h.Set("Content-Type", mt)
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Content-Length", strconv.FormatInt(size, 10))
+}
+
+// serveManifestDigest serves a manifest by digest: storage, else one
+// counted upstream GET shared by every concurrent caller.
+func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q req, cold bool) (string, error) {
+	ctx := r.Context()
+	if served, err := c.serveStoredManifest(w, r, q, q.Digest, ""); served || err != nil {
+		return resultHit, err
+	}
+	if q.head {
+		hctx, cancel := context.WithTimeout(ctx, c.cfg.UpstreamTimeout)
+		desc, err := c.cfg.Upstream.HeadManifest(hctx, q.Registry, q.repo, q.Digest.String())
+		cancel()
+		if err != nil {
+			return "", c.upstreamError(err, "manifest "+q.Digest.String())
+		}
+		writeManifestHeaders(w, q.Digest, desc.MediaType, desc.Size)
+		w.WriteHeader(http.StatusOK)
+		return resultMiss, nil
+	}
+	if c.cfg.Budget != nil {
+		acct := c.cfg.Upstream.Account(q.Registry)
+		if err := c.cfg.Budget.Allow(ctx, q.Registry, acct, cold); err != nil {
+			return "", c.upstreamError(err, "manifest "+q.Digest.String())
+		}
+	}
+	var mt string
+	job := flight.Job{
+		Fetch: func(ctx context.Context, w io.Writer) error {
+			fctx, cancel := context.WithTimeout(ctx, c.cfg.UpstreamTimeout)
+			defer cancel()
+			b, desc, err := c.cfg.Upstream.GetManifest(fctx, q.Registry, q.repo, q.Digest.String())
+			if err != nil {
+				return err
+			}
+			if desc.Digest != q.Digest {
+				return fmt.Errorf("upstream manifest %s: %w", q.Digest, oci.ErrDigestMismatch)
+			}
+			mt = desc.MediaType
+			setSize(w, int64(len(b)))
+			_, err = w.Write(b)
+			return err
+		},
+		Commit: func(ctx context.Context, spool *os.File) error {
+			b, err := io.ReadAll(io.LimitReader(spool, oci.MaxManifestSize+1))
+			if err != nil {
+				return err
+			}
+			if err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b); err != nil {
+				c.cfg.Logger.WarnContext(ctx, "manifest not cached", "digest", q.Digest, "err", err)
+				return err
+			}
+			return nil
+		},
+		Committed: func(ctx context.Context) (bool, error) {
+			_, _, ok, err := c.store.getManifest(ctx, q.Registry, q.repo, q.Digest)
+			return ok, err
+		},
+	}
+	res, err := c.cfg.Flight.Do(ctx, "manifest:"+q.Registry+"/"+q.repo+"@"+q.Digest.String(), job)
+	if err != nil {
+		return "", c.upstreamError(err, "manifest "+q.Digest.String())
+	}
+	if res.Elsewhere {
+		if served, err := c.serveStoredManifest(w, r, q, q.Digest, ""); served || err != nil {
+			return resultHit, err
+		}
+		return "", oci.ErrManifestUnknown
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(res.Body, oci.MaxManifestSize+1))
+	if err != nil {
+		return "", c.upstreamError(err, "manifest "+q.Digest.String())
+	}
+	if q.Digest.Algorithm().FromBytes(b) != q.Digest {
+		return "", c.upstreamError(oci.ErrDigestMismatch, "manifest "+q.Digest.String())
+	}
+	if mt == "" || !oci.IsManifestMediaType(mt) {
+		mt = oci.SniffManifestMediaType(b)
+	}
+	writeManifestHeaders(w, q.Digest, mt, int64(len(b)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+	c.metrics.served.Add(float64(len(b)))
+	c.metrics.upstreamBytes.Add(float64(len(b)))
+	return resultMiss, nil
+}
+
+// setSize tells the flight the total size before the first byte, so every
+// waiter can send Content-Length.
+func setSize(w io.Writer, n int64) {
+	if s, ok := w.(interface{ SetSize(int64) }); ok {
+		s.SetSize(n)
+	}
+}
+
+// serveBlob serves a blob: storage (with Range), else one upstream fetch,
+// streamed to every waiter as it arrives and verified before it is stored.
+func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string, error) {
+	ctx := r.Context()
+	if desc, ok, err := c.store.statBlob(ctx, q.Digest); err != nil {
+		return "", err
+	} else if ok {
+		return resultHit, c.serveStoredBlob(w, r, q.Digest, desc.Size)
+	}
+	job := flight.Job{
+		Fetch: func(ctx context.Context, w io.Writer) error {
+			body, size, err := c.cfg.Upstream.GetBlob(ctx, q.Registry, q.repo, q.Digest, 0)
+			if err != nil {
+				return err
+			}
+			defer body.Close()
+			setSize(w, size)
+			vr, err := oci.NewVerifyingReader(body, q.Digest, size)
+			if err != nil {
+				return err
+			}
+			n, err := io.Copy(w, vr)
+			c.metrics.upstreamBytes.Add(float64(n))
+			if err != nil {
+				if errors.Is(err, oci.ErrDigestMismatch) {
+					c.cfg.Logger.WarnContext(ctx, "upstream sent bytes that do not match the digest; nothing stored", "registry", q.Registry, "repo", q.repo, "digest", q.Digest)
+				}
+				return fmt.Errorf("fetch blob %s: %w", q.Digest, err)
+			}
+			return nil
+		},
+		Commit: func(ctx context.Context, spool *os.File) error {
+			if err := c.store.commitBlob(ctx, q.Digest, spool); err != nil {
+				return err
+			}
+			c.evict.touch(q.Digest)
+			return nil
+		},
+		Committed: func(ctx context.Context) (bool, error) {
+			_, ok, err := c.store.statBlob(ctx, q.Digest)
+			return ok, err
+		},
+	}
+	res, err := c.cfg.Flight.Do(ctx, "blob:"+q.Digest.String(), job)
+	if err != nil {
+		return "", c.upstreamError(err, "blob "+q.Digest.String())
+	}
+	if res.Elsewhere {
+		desc, ok, err := c.store.statBlob(ctx, q.Digest)
+		if err != nil {
+			return "", err
+		}
+		if !ok {
+			return "", oci.ErrBlobUnknown
+		}
+		return resultHit, c.serveStoredBlob(w, r, q.Digest, desc.Size)
+	}
+	defer res.Body.Close()
+	return resultMiss, c.streamBlob(w, r, q, res.Body)
+}
+
+// sizer is the flight body's view of the total size the fetch announced.
+type sizer interface {
+	Size(ctx context.Context) (int64, error)
+}
+
+// streamBlob writes a blob from a flight in progress. The size comes from
+// the fetch before the first byte; Range requests skip into the stream.
+func (c *Cache) streamBlob(w http.ResponseWriter, r *http.Request, q req, body io.ReadCloser) error {
+	ctx := r.Context()
+	sz, ok := body.(sizer)
+	if !ok {
+		return errors.New("flight body does not report a size")
+	}
+	size, err := sz.Size(ctx)
+	if err != nil {
+		return c.upstreamError(err, "blob "+q.Digest.String())
+	}
+	br, ranged, err := oci.ParseRange(r.Header.Get("Range"), size)
+	if err != nil {
+		return err
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", q.Digest.String())
+	h.Set("Etag", `"`+q.Digest.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	status, length := http.StatusOK, size
+	if ranged {
+		status, length = http.StatusPartialContent, br.Length()
+		h.Set("Content-Range", br.ContentRange(size))
+		if _, err := io.CopyN(io.Discard, body, br.Start); err != nil {
+			return c.upstreamError(err, "blob "+q.Digest.String())
+		}
+	}
+	h.Set("Content-Length", strconv.FormatInt(length, 10))
+	if q.head {
+		w.WriteHeader(status)
+		return nil
+	}
+	// Read the first chunk before committing to a 200, so a fetch that fails
+	// at once still gets a proper error response.
+	first := make([]byte, 32<<10)
+	n, rerr := io.ReadFull(body, first[:min(int64(len(first)), length)])
+	if rerr != nil && !errors.Is(rerr, io.EOF) && !errors.Is(rerr, io.ErrUnexpectedEOF) {
+		return c.upstreamError(rerr, "blob "+q.Digest.String())
+	}
+	w.WriteHeader(status)
+	written, err := io.Copy(w, io.MultiReader(bytes.NewReader(first[:n]), io.LimitReader(body, length-int64(n))))
+	c.metrics.served.Add(float64(written))
+	if err != nil || written != length {
+		// Headers are out: cut the connection so the client sees a failure,
+		// never a short body that looks complete.
+		c.cfg.Logger.WarnContext(ctx, "blob stream broke", "digest", q.Digest, "written", written, "of", length, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	return nil
+}
+
+func (c *Cache) serveStoredBlob(w http.ResponseWriter, r *http.Request, d digest.Digest, size int64) error {
+	if _, _, err := oci.ParseRange(r.Header.Get("Range"), size); err != nil {
+		return err
+	}
+	f, err := c.store.openBlob(r.Context(), d)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Etag", `"`+d.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	c.evict.touch(d)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", time.Time{}, f)
+	c.metrics.served.Add(float64(cw.n))
+	return nil
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	n, err := w.ResponseWriter.Write(p)
+	w.n += int64(n)
+	return n, err
+}
+
+// upstreamError turns an upstream or budget failure into the client's OCI
+// error: 404 for unknown content, 429 when rate-limited (with Retry-After),
+// 503 when upstream is unreachable, 502 for bad bytes. The message names the
+// registry and what failed, never a credential.
+func (c *Cache) upstreamError(err error, what string) error {
+	var ex *budget.ExhaustedError
+	var ue *upstream.Error
+	switch {
+	case errors.As(err, &ex):
+		e := oci.Errorf(http.StatusTooManyRequests, oci.CodeTooManyRequests,
+			"%s is not cached and the upstream pull budget of %s is spent (%s); retry later", what, ex.Upstream, ex.Reason)
+		if ex.RetryAfter > 0 {
+			e.Header = http.Header{"Retry-After": {strconv.Itoa(int(ex.RetryAfter.Seconds()) + 1)}}
+		}
+		return e.Wrap(err)
+	case upstream.IsNotFound(err):
+		if what[:4] == "blob" {
+			return oci.ErrBlobUnknown.Wrap(err)
+		}
+		return oci.ErrManifestUnknown.Wrap(err)
+	case upstream.IsRateLimited(err):
+		e := oci.Errorf(http.StatusTooManyRequests, oci.CodeTooManyRequests, "%s is not cached and the upstream registry is rate-limiting this cache; retry later", what)
+		if errors.As(err, &ue) && ue.RetryAfter > 0 {
+			e.Header = http.Header{"Retry-After": {strconv.Itoa(int(ue.RetryAfter.Seconds()) + 1)}}
+		}
+		return e.Wrap(err)
+	case errors.Is(err, oci.ErrDigestMismatch):
+		return oci.Errorf(http.StatusBadGateway, oci.CodeDigestInvalid, "%s: upstream sent content that does not match its digest; nothing was stored", what).Wrap(err)
+	case errors.As(err, &ue) && ue.Status == http.StatusUnauthorized, errors.As(err, &ue) && ue.Status == http.StatusForbidden:
+		return oci.Errorf(http.StatusBadGateway, oci.CodeDenied, "%s: the upstream registry refused this cache's credentials", what).Wrap(err)
+	case upstream.IsUnavailable(err), errors.Is(err, context.DeadlineExceeded):
+		return oci.Errorf(http.StatusServiceUnavailable, oci.CodeUnavailable, "%s is not cached and the upstream registry is unavailable; retry later", what).Wrap(err)
+	}
+	return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "%s: upstream request failed", what).Wrap(err)
+}
+
+func (c *Cache) freshness(registry string) time.Duration {
+	if d, ok := c.cfg.TagFreshnessBy[registry]; ok {
+		return d
+	}
+	return c.cfg.TagFreshness
+}

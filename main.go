@@ -1,0 +1,655 @@
+// Command shoal is a cluster-local container image mirror in two tiers:
+// `shoal node` runs beside containerd on every node and serves what the
+// node and its peers already hold; `shoal cache` is the shared pull-through
+// cache that talks to the upstream registries. `shoal configure` points
+// containerd at the node through hosts.toml files.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+	"gopkg.in/yaml.v3"
+
+	"github.com/shoal-oci/shoal/auth"
+	"github.com/shoal-oci/shoal/cache"
+	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/node"
+	"github.com/shoal-oci/shoal/node/mirror"
+	"github.com/shoal-oci/shoal/node/routing/dht"
+	ctrdstore "github.com/shoal-oci/shoal/node/store/containerd"
+	"github.com/shoal-oci/shoal/node/store/layout"
+	"github.com/shoal-oci/shoal/oci"
+	"github.com/shoal-oci/shoal/upstream"
+	"github.com/shoal-oci/shoal/upstream/budget"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "shoal:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+const topUsage = `shoal: a cluster-local container image mirror.
+
+Usage:
+  shoal node       run the per-node mirror beside containerd
+  shoal cache      run the shared pull-through cache
+  shoal configure  write (or --remove) containerd hosts.toml mirror files
+  shoal version    print the version
+
+Every flag has a SHOAL_* environment twin: --registry-addr is SHOAL_REGISTRY_ADDR.
+Run "shoal <command> --help" for a command's flags.
+`
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, topUsage)
+		return errors.New("no command given")
+	}
+	switch args[0] {
+	case "node":
+		return runNode(args[1:], stderr)
+	case "cache":
+		return runCache(args[1:], stderr)
+	case "configure":
+		return runConfigure(args[1:], stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "shoal", buildVersion())
+		return nil
+	case "help", "-h", "--help", "-help":
+		fmt.Fprint(stdout, topUsage)
+		return nil
+	}
+	fmt.Fprint(stderr, topUsage)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+func buildVersion() string {
+	if version != "dev" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return version
+}
+
+// flags is a flag.FlagSet whose every flag also reads SHOAL_<NAME> from the
+// environment; a flag on the command line wins over its env twin.
+type flags struct {
+	*flag.FlagSet
+}
+
+func newFlags(name, summary string, stderr io.Writer) *flags {
+	fs := flag.NewFlagSet("shoal "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	f := &flags{fs}
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: shoal %s [flags]\n\n%s\n\nFlags (each with its SHOAL_* environment twin):\n", name, summary)
+		fs.VisitAll(func(fl *flag.Flag) {
+			def := ""
+			if fl.DefValue != "" && fl.DefValue != "[]" {
+				def = fmt.Sprintf(" (default %s)", fl.DefValue)
+			}
+			fmt.Fprintf(stderr, "  --%s  [%s]%s\n      %s\n", fl.Name, envName(fl.Name), def, fl.Usage)
+		})
+	}
+	return f
+}
+
+func envName(flagName string) string {
+	return "SHOAL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parse applies environment twins, then the command line.
+func (f *flags) parse(args []string) error {
+	var err error
+	f.VisitAll(func(fl *flag.Flag) {
+		if v, ok := os.LookupEnv(envName(fl.Name)); ok && err == nil {
+			if e := f.Set(fl.Name, v); e != nil {
+				err = fmt.Errorf("%s: %w", envName(fl.Name), e)
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if err := f.Parse(args); err != nil {
+		return err
+	}
+	if f.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %v", f.Args())
+	}
+	return nil
+}
+
+// listFlag is a repeatable flag; one value may also hold a comma-separated list.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(v string) error {
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			*l = append(*l, s)
+		}
+	}
+	return nil
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: lv})), nil
+}
+
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+}
+
+// newRegistry returns a fresh Prometheus registry with the Go and process collectors.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+// opsHandler serves /metrics, /healthz and /readyz.
+func opsHandler(reg *prometheus.Registry, ready func() error) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := ready(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	return mux
+}
+
+// withOps adds /healthz and /readyz to a handler, so probes can use the main port too.
+func withOps(h http.Handler, ops http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/healthz", "/readyz":
+			ops.ServeHTTP(w, r)
+		default:
+			h.ServeHTTP(w, r)
+		}
+	})
+}
+
+// serve runs servers until ctx ends, then shuts them down gracefully: it
+// stops accepting, and lets in-flight responses finish within grace.
+func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers ...*http.Server) error {
+	errc := make(chan error, len(servers))
+	for _, s := range servers {
+		ln, err := net.Listen("tcp", s.Addr)
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", s.Addr, err)
+		}
+		log.Info("listening", "addr", ln.Addr().String())
+		go func(s *http.Server) {
+			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("serve %s: %w", s.Addr, err)
+			}
+		}(s)
+	}
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	log.Info("shutting down, letting in-flight requests finish", "grace", grace)
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	for _, s := range servers {
+		if err := s.Shutdown(sctx); err != nil {
+			log.Warn("shutdown", "addr", s.Addr, "err", err)
+		}
+	}
+	return runErr
+}
+
+func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Addr:              addr,
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+}
+
+func runNode(args []string, stderr io.Writer) error {
+	f := newFlags("node", "Run the per-node mirror: serve what this node's containerd holds, find the rest on peers through the DHT, and forward cluster-wide misses to the cache tier.", stderr)
+	var (
+		sock         = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+		namespace    = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
+		contentDir   = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
+		ctrdConfig   = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
+		layoutDir    = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
+		registryAddr = f.String("registry-addr", ":5000", "address of the registry (mirror) HTTP server")
+		advertise    = f.String("advertise-addr", "", "host:port peers use to reach this node's registry (default: the registry port on the node's DHT address)")
+		routerAddr   = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
+		metricsAddr  = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir      = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
+		cacheURL     = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
+		cacheToken   = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
+		zone         = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
+		pskFile      = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join")
+		providerTTL  = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
+		hedge        = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
+		grace        = f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown")
+		logLevel     = f.String("log-level", "info", "debug, info, warn or error")
+		bootstrap    listFlag
+		registries   listFlag
+	)
+	f.Var(&bootstrap, "bootstrap-peers", "peers to join: multiaddrs (with or without /p2p/<id>), host:port, or DNS names such as a headless Service (re-resolved periodically); repeatable or comma-separated")
+	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others are refused (default: docker.io, ghcr.io, quay.io, registry.k8s.io, gcr.io)")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, *logLevel)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	reg := newRegistry()
+
+	var st node.Store
+	if *layoutDir != "" {
+		ls, err := layout.New(*layoutDir)
+		if err != nil {
+			return fmt.Errorf("layout store: %w", err)
+		}
+		st = ls
+		log.Info("serving an OCI image layout", "dir", *layoutDir)
+	} else {
+		cs, err := ctrdstore.New(ctx, ctrdstore.Config{
+			Address: *sock, Namespace: *namespace, ContentDir: *contentDir, ConfigPath: *ctrdConfig,
+			Logger: log.With("component", "store"), Registerer: reg,
+		})
+		if err != nil {
+			return fmt.Errorf("containerd store: %w", err)
+		}
+		defer cs.Close()
+		for _, p := range cs.CheckConfig(ctx) {
+			log.Warn("containerd configuration prevents mirroring", "problem", p)
+		}
+		st = cs
+	}
+
+	cfg := node.Config{
+		Store: st, CacheURL: *cacheURL, Zone: *zone, HedgeDelay: *hedge,
+		Logger: log.With("component", "node"), Registerer: reg,
+		Registries: registries,
+	}
+	if *cacheToken != "" {
+		tok, err := auth.LoadToken(*cacheToken)
+		if err != nil {
+			return fmt.Errorf("--cache-token-file: %w", err)
+		}
+		cfg.CacheTransport = tok.RoundTripper(http.DefaultTransport.(*http.Transport).Clone())
+	}
+	var router *dht.Router
+	if *routerAddr != "" {
+		var psk []byte
+		if *pskFile != "" {
+			if psk, err = auth.LoadPSK(*pskFile); err != nil {
+				return fmt.Errorf("--psk-file: %w", err)
+			}
+		}
+		regAddr := *advertise
+		if regAddr == "" {
+			regAddr = *registryAddr
+		}
+		router, err = dht.New(ctx, dht.Config{
+			ListenAddr: *routerAddr, DataDir: *dataDir, PSK: psk, BootstrapPeers: bootstrap,
+			RegistryAddr: regAddr, Zone: *zone, ProviderTTL: *providerTTL,
+			Logger: log.With("component", "dht"), Registerer: reg,
+		})
+		if err != nil {
+			return fmt.Errorf("dht: %w", err)
+		}
+		defer router.Close()
+		cfg.Router = router
+		log.Info("dht started", "id", router.ID(), "addrs", router.Addrs())
+	}
+	nd, err := node.New(cfg)
+	if err != nil {
+		return err
+	}
+	runErr := make(chan error, 1)
+	go func() { runErr <- nd.Run(ctx) }()
+
+	ready := func() error {
+		if !nd.Ready() {
+			return errors.New("store not yet advertised")
+		}
+		return nil
+	}
+	ops := opsHandler(reg, ready)
+	servers := []*http.Server{newServer(*registryAddr, withOps(nd, ops), log)}
+	if *metricsAddr != "" {
+		servers = append(servers, newServer(*metricsAddr, ops, log))
+	}
+	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "cache", *cacheURL != "")
+	err = serve(ctx, log, *grace, servers...)
+	stop()
+	if rerr := <-runErr; rerr != nil && err == nil {
+		err = rerr
+	}
+	return err
+}
+
+func runConfigure(args []string, stderr io.Writer) error {
+	f := newFlags("configure", "Write containerd hosts.toml files that make the local shoal node the first mirror for each registry, keeping any existing configuration; --remove restores it.", stderr)
+	var (
+		certsDir   = f.String("containerd-certs-dir", "/etc/containerd/certs.d", "containerd's registry config_path")
+		mirrorURL  = f.String("mirror-url", "http://127.0.0.1:5000", "URL containerd uses to reach the local shoal node")
+		dial       = f.Duration("dial-timeout", 200*time.Millisecond, "containerd's dial timeout for the mirror, so a dead node costs little")
+		resolve    = f.Bool("resolve-tags", true, "let the mirror resolve tags (capability resolve), not only serve digests")
+		remove     = f.Bool("remove", false, "remove shoal's files and restore what was there before")
+		logLevel   = f.String("log-level", "info", "debug, info, warn or error")
+		registries listFlag
+	)
+	f.Var(&registries, "mirrored-registries", "registries to configure (default: docker.io, ghcr.io, quay.io, registry.k8s.io, gcr.io); repeatable or comma-separated")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, *logLevel)
+	if err != nil {
+		return err
+	}
+	cfg := mirror.Config{CertsDir: *certsDir, MirrorURL: *mirrorURL, Registries: registries, DialTimeout: *dial, ResolveTags: *resolve, Logger: log}
+	ctx := context.Background()
+	if *remove {
+		return mirror.Remove(ctx, cfg)
+	}
+	return mirror.Configure(ctx, cfg)
+}
+
+// cacheFile is the optional YAML configuration of `shoal cache`.
+type cacheFile struct {
+	Upstreams []struct {
+		Registry     string `yaml:"registry"`
+		Endpoint     string `yaml:"endpoint"`
+		Insecure     bool   `yaml:"insecure"`
+		Credentials  string `yaml:"credentials"`
+		TagFreshness string `yaml:"tagFreshness"`
+	} `yaml:"upstreams"`
+	Storage struct {
+		Driver  string         `yaml:"driver"`
+		Options map[string]any `yaml:"options"`
+	} `yaml:"storage"`
+}
+
+// defaultUpstreams are served when neither --upstream nor --config names any.
+var defaultUpstreams = []string{"docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "gcr.io"}
+
+func runCache(args []string, stderr io.Writer) error {
+	f := newFlags("cache", "Run the shared pull-through cache: fetch each digest from upstream once, revalidate tags with free HEAD requests, keep within the Docker Hub budget, and serve stale content when upstream is limited or down.", stderr)
+	var (
+		addr        = f.String("addr", ":5000", "address of the registry HTTP server")
+		metricsAddr = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir     = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
+		storageName = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
+		configFile  = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
+		credsFile   = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
+		redisURL    = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
+		freshness   = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD")
+		reserve     = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
+		maxSize     = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		tokenFile   = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
+		upTimeout   = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
+		grace       = f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown")
+		logLevel    = f.String("log-level", "info", "debug, info, warn or error")
+		upstreams   listFlag
+		storageOpts listFlag
+	)
+	f.Var(&upstreams, "upstream", "an upstream registry as host=endpoint (docker.io=https://registry-1.docker.io); repeatable; a bare host means https://host")
+	f.Var(&storageOpts, "storage-opt", "a storage driver parameter as key=value (bucket=..., region=...); repeatable")
+	if err := f.parse(args); err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, *logLevel)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	reg := newRegistry()
+
+	var file cacheFile
+	if *configFile != "" {
+		b, err := os.ReadFile(*configFile)
+		if err != nil {
+			return fmt.Errorf("--config: %w", err)
+		}
+		if err := yaml.Unmarshal(b, &file); err != nil {
+			return fmt.Errorf("--config %s: %w", *configFile, err)
+		}
+	}
+	ucfg := upstream.Config{Registries: map[string]upstream.Registry{}}
+	credRefs := map[string]string{}
+	freshnessBy := map[string]time.Duration{}
+	for _, u := range upstreams {
+		host, endpoint, _ := strings.Cut(u, "=")
+		host, err := oci.NormalizeRegistry(strings.TrimSpace(host))
+		if err != nil {
+			return fmt.Errorf("--upstream %q: bad registry host", u)
+		}
+		ucfg.Registries[host] = upstream.Registry{Host: host, Endpoint: strings.TrimSpace(endpoint), Insecure: strings.HasPrefix(endpoint, "http://")}
+	}
+	for _, u := range file.Upstreams {
+		host, err := oci.NormalizeRegistry(u.Registry)
+		if err != nil {
+			return fmt.Errorf("--config: upstream %q: bad registry host", u.Registry)
+		}
+		ucfg.Registries[host] = upstream.Registry{Host: host, Endpoint: u.Endpoint, Insecure: u.Insecure || strings.HasPrefix(u.Endpoint, "http://")}
+		if u.Credentials != "" {
+			credRefs[host] = u.Credentials
+		}
+		if u.TagFreshness != "" {
+			d, err := time.ParseDuration(u.TagFreshness)
+			if err != nil {
+				return fmt.Errorf("--config: upstream %s: tagFreshness: %w", host, err)
+			}
+			freshnessBy[host] = d
+		}
+	}
+	if len(ucfg.Registries) == 0 {
+		for _, h := range defaultUpstreams {
+			ucfg.Registries[h] = upstream.Registry{Host: h}
+		}
+	}
+	registries := make([]string, 0, len(ucfg.Registries))
+	for h := range ucfg.Registries {
+		registries = append(registries, h)
+	}
+
+	var keychain authn.Keychain = authn.NewMultiKeychain() // anonymous
+	if *credsFile != "" {
+		kc, err := auth.NewFileKeychain(*credsFile, auth.WithLogger(log.With("component", "credentials")))
+		if err != nil {
+			return fmt.Errorf("--credentials-file: %w", err)
+		}
+		keychain = credentialRefs{inner: kc, refs: credRefs}
+	}
+
+	var rdb *redis.Client
+	if *redisURL != "" {
+		opt, err := redis.ParseURL(*redisURL)
+		if err != nil {
+			return fmt.Errorf("--redis-url: %w", err)
+		}
+		rdb = redis.NewClient(opt)
+		defer rdb.Close()
+	}
+	var state budget.State = budget.NewMemoryState()
+	if rdb != nil {
+		state = budget.NewRedisState(rdb, "shoal:budget:")
+	}
+	bud := budget.New(state, budget.WithReserve(*reserve), budget.WithLogger(log.With("component", "budget")))
+	if err := reg.Register(bud.Collector()); err != nil {
+		return err
+	}
+	up, err := upstream.New(ucfg, upstream.WithKeychain(keychain), upstream.WithObserver(bud),
+		upstream.WithRegisterer(reg), upstream.WithLogger(log.With("component", "upstream")),
+		upstream.WithUserAgent("shoal/"+buildVersion()))
+	if err != nil {
+		return fmt.Errorf("upstream: %w", err)
+	}
+
+	local, err := flight.NewLocal(filepath.Join(*dataDir, "spool"), flight.WithLogger(log.With("component", "flight")), flight.WithRegisterer(reg))
+	if err != nil {
+		return err
+	}
+	var fl cache.Flight = local
+	if rdb != nil {
+		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")))
+	}
+
+	driverName, params := *storageName, map[string]any{}
+	if file.Storage.Driver != "" {
+		driverName, params = file.Storage.Driver, file.Storage.Options
+		if params == nil {
+			params = map[string]any{}
+		}
+	}
+	for _, kv := range storageOpts {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return fmt.Errorf("--storage-opt %q: want key=value", kv)
+		}
+		params[k] = v
+	}
+	if driverName == "filesystem" && params["rootdirectory"] == nil {
+		params["rootdirectory"] = filepath.Join(*dataDir, "registry")
+	}
+	driver, err := cache.NewDriver(ctx, driverName, params)
+	if err != nil {
+		return err
+	}
+	limit, err := parseSize(*maxSize)
+	if err != nil {
+		return fmt.Errorf("--max-size: %w", err)
+	}
+	c, err := cache.New(ctx, cache.Config{
+		Driver: driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
+		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, MaxSize: limit,
+		Logger: log.With("component", "cache"), Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	token, err := auth.LoadToken(*tokenFile)
+	if err != nil {
+		return fmt.Errorf("--client-token-file: %w", err)
+	}
+	runErr := make(chan error, 1)
+	go func() { runErr <- c.Run(ctx) }()
+	ready := func() error {
+		if rdb != nil {
+			pctx, cancel := context.WithTimeout(ctx, time.Second)
+			defer cancel()
+			if err := rdb.Ping(pctx).Err(); err != nil {
+				return fmt.Errorf("redis: %w", err)
+			}
+		}
+		return nil
+	}
+	ops := opsHandler(reg, ready)
+	servers := []*http.Server{newServer(*addr, withOps(token.Middleware(c), ops), log)}
+	if *metricsAddr != "" {
+		servers = append(servers, newServer(*metricsAddr, ops, log))
+	}
+	log.Info("shoal cache starting", "version", buildVersion(), "addr", *addr, "storage", driverName,
+		"upstreams", registries, "redis", rdb != nil, "client_token", !token.Empty())
+	err = serve(ctx, log, *grace, servers...)
+	stop()
+	<-runErr
+	return err
+}
+
+// credentialRefs lets an upstream use the credentials stored under another
+// host name (the YAML "credentials" reference).
+type credentialRefs struct {
+	inner *auth.FileKeychain
+	refs  map[string]string
+}
+
+// Resolve implements authn.Keychain.
+func (c credentialRefs) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	if ref, ok := c.refs[auth.NormalizeHost(r.RegistryStr())]; ok {
+		reg, err := name.NewRegistry(ref)
+		if err != nil {
+			return nil, fmt.Errorf("credentials reference %q: %w", ref, err)
+		}
+		return c.inner.Resolve(reg)
+	}
+	return c.inner.Resolve(r)
+}
+
+// Account returns the non-secret account label of the credentials used for host.
+func (c credentialRefs) Account(host string) string {
+	if ref, ok := c.refs[auth.NormalizeHost(host)]; ok {
+		return c.inner.Account(ref)
+	}
+	return c.inner.Account(host)
+}
+
+// parseSize parses "0", "1048576", "512MiB", "50GiB", "1TB".
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1}}
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseFloat(s, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("bad size %q", s)
+	}
+	return int64(n * float64(mult)), nil
+}

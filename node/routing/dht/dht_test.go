@@ -1,0 +1,483 @@
+package dht
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/shoal-oci/shoal/node/routing"
+	"github.com/shoal-oci/shoal/node/routing/routingtest"
+)
+
+const testTTL = 2 * time.Second
+
+// testConfig is a loopback node with short timers.
+func testConfig(bootstrap ...string) Config {
+	return Config{
+		ListenAddr:        "127.0.0.1:0",
+		RegistryAddr:      "127.0.0.1:5000",
+		BootstrapPeers:    bootstrap,
+		BootstrapInterval: 200 * time.Millisecond,
+		ProviderTTL:       testTTL,
+		DialTimeout:       time.Second,
+		LookupTimeout:     3 * time.Second,
+		Registerer:        prometheus.NewRegistry(),
+	}
+}
+
+func start(t *testing.T, cfg Config) *Router {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := New(ctx, cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := r.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return r
+}
+
+// hostPort returns the node's loopback TCP address as "127.0.0.1:port".
+func hostPort(t *testing.T, r *Router) string {
+	t.Helper()
+	for _, a := range r.host.Addrs() {
+		na, err := manet.ToNetAddr(a)
+		if err == nil {
+			return na.String()
+		}
+	}
+	t.Fatalf("no TCP address in %v", r.host.Addrs())
+	return ""
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting until %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// startNetwork starts n nodes; all but the first bootstrap from the first
+// by "127.0.0.1:port" (no peer ID).
+func startNetwork(t *testing.T, n int, mutate func(i int, cfg *Config)) []*Router {
+	t.Helper()
+	rs := make([]*Router, n)
+	for i := range rs {
+		cfg := testConfig()
+		cfg.RegistryAddr = fmt.Sprintf("127.0.0.1:%d", 5000+i)
+		if i > 0 {
+			cfg.BootstrapPeers = []string{hostPort(t, rs[0])}
+		}
+		if mutate != nil {
+			mutate(i, &cfg)
+		}
+		rs[i] = start(t, cfg)
+	}
+	for i, r := range rs {
+		waitFor(t, 10*time.Second, fmt.Sprintf("node %d ready", i), r.Ready)
+	}
+	return rs
+}
+
+func lookupIDs(t *testing.T, r *Router, key string) []string {
+	t.Helper()
+	peers, err := r.Lookup(context.Background(), key, 10)
+	if err != nil {
+		t.Fatalf("Lookup: %v", err)
+	}
+	var ids []string
+	for _, p := range peers {
+		ids = append(ids, p.ID)
+	}
+	return ids
+}
+
+func TestConformance(t *testing.T) {
+	routingtest.Conformance(t, func(t *testing.T, n int) []routingtest.Router {
+		rs := startNetwork(t, n, nil)
+		out := make([]routingtest.Router, n)
+		for i, r := range rs {
+			out[i] = r
+		}
+		return out
+	})
+}
+
+func TestIdentityPersistsAcrossRestart(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	cfg := testConfig()
+	cfg.DataDir = dir
+	cfg.Registerer = nil
+	first, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := first.ID()
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, identityFile))
+	if err != nil {
+		t.Fatalf("identity file: %v", err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("identity file mode = %v, want 0600", fi.Mode().Perm())
+	}
+	second := start(t, cfg)
+	if second.ID() != id {
+		t.Fatalf("peer ID changed across restart: %s then %s", id, second.ID())
+	}
+	other := testConfig()
+	other.DataDir = t.TempDir()
+	if third := start(t, other); third.ID() == id {
+		t.Fatal("a different data dir produced the same peer ID")
+	}
+}
+
+func TestPrivateNetwork(t *testing.T) {
+	pskA := bytes.Repeat([]byte{1}, 32)
+	pskB := bytes.Repeat([]byte{2}, 32)
+	rs := startNetwork(t, 2, func(i int, cfg *Config) { cfg.PSK = pskA })
+	outsider := start(t, testConfig(hostPort(t, rs[0])))
+	cfg := testConfig(hostPort(t, rs[0]))
+	cfg.PSK = pskB
+	wrongKey := start(t, cfg)
+
+	key := "sha256:psk-test"
+	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "same-PSK node finds the provider", func() bool {
+		return slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
+	})
+	// Give the outsiders several bootstrap rounds.
+	time.Sleep(time.Second)
+	for name, r := range map[string]*Router{"no PSK": outsider, "other PSK": wrongKey} {
+		if r.Ready() {
+			t.Errorf("%s: node joined a private network", name)
+		}
+		if got := lookupIDs(t, r, key); len(got) != 0 {
+			t.Errorf("%s: node found providers %v", name, got)
+		}
+	}
+}
+
+func TestBootstrapForms(t *testing.T) {
+	seed := start(t, testConfig())
+	hp := hostPort(t, seed)
+	_, port, _ := net.SplitHostPort(hp)
+	tests := []struct {
+		name  string
+		entry string
+	}{
+		{name: "host_port_without_peer_id", entry: hp},
+		{name: "multiaddr_without_peer_id", entry: "/ip4/127.0.0.1/tcp/" + port},
+		{name: "multiaddr_with_peer_id", entry: "/ip4/127.0.0.1/tcp/" + port + "/p2p/" + seed.ID()},
+		{name: "dns_name_with_port", entry: "localhost:" + port},
+		{name: "dns_multiaddr_without_peer_id", entry: "/dns4/localhost/tcp/" + port},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := start(t, testConfig(tt.entry))
+			waitFor(t, 5*time.Second, "connected to the seed", func() bool {
+				return r.Ready() && slices.Contains(r.dht.RoutingTable().ListPeers(), seed.host.ID())
+			})
+		})
+	}
+}
+
+func TestBootstrapRetriesUntilPeerAppears(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+
+	_, port, _ := net.SplitHostPort(addr)
+	r := start(t, testConfig("localhost:"+port)) // a DNS name, resolved again every round
+	time.Sleep(300 * time.Millisecond)
+	if r.Ready() {
+		t.Fatal("ready before any peer exists")
+	}
+	cfg := testConfig()
+	cfg.ListenAddr = addr
+	late := start(t, cfg)
+	waitFor(t, 5*time.Second, "the late peer is found by a later bootstrap round", func() bool {
+		return r.Ready() && r.host.Network().Connectedness(late.host.ID()) == network.Connected
+	})
+}
+
+func TestBootstrapListIncludingSelfIsHarmless(t *testing.T) {
+	seed := start(t, testConfig())
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := l.Addr().String()
+	l.Close()
+	cfg := testConfig(self, hostPort(t, seed))
+	cfg.ListenAddr = self
+	r := start(t, cfg)
+	waitFor(t, 5*time.Second, "connected to the seed", func() bool {
+		return slices.Contains(r.dht.RoutingTable().ListPeers(), seed.host.ID())
+	})
+	time.Sleep(500 * time.Millisecond) // a few more rounds that dial itself
+	if peers := r.dht.RoutingTable().ListPeers(); len(peers) != 1 || peers[0] != seed.host.ID() {
+		t.Fatalf("routing table = %v, want only the seed", peers)
+	}
+}
+
+func TestInvalidConfigIsRejected(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{name: "missing_registry_addr", cfg: Config{ListenAddr: "127.0.0.1:0"}},
+		{name: "registry_addr_without_port", cfg: Config{ListenAddr: "127.0.0.1:0", RegistryAddr: "10.0.0.1"}},
+		{name: "zone_with_space", cfg: Config{ListenAddr: "127.0.0.1:0", RegistryAddr: ":5000", Zone: "eu 1"}},
+		{name: "short_psk", cfg: Config{ListenAddr: "127.0.0.1:0", RegistryAddr: ":5000", PSK: []byte("short")}},
+		{name: "bad_bootstrap_multiaddr", cfg: Config{ListenAddr: "127.0.0.1:0", RegistryAddr: ":5000", BootstrapPeers: []string{"/ip4/nope"}}},
+		{name: "bootstrap_without_port", cfg: Config{ListenAddr: "127.0.0.1:0", RegistryAddr: ":5000", BootstrapPeers: []string{"shoal-node.shoal.svc"}}},
+		{name: "listen_on_hostname", cfg: Config{ListenAddr: "example.com:5001", RegistryAddr: ":5000"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := New(context.Background(), tt.cfg)
+			if err == nil {
+				r.Close()
+				t.Fatal("New accepted an invalid config")
+			}
+		})
+	}
+}
+
+func TestDeadProviderStopsBeingReturned(t *testing.T) {
+	rs := startNetwork(t, 3, nil)
+	key := "sha256:dead-provider"
+	for _, r := range rs[:2] {
+		if err := r.Advertise(context.Background(), []string{key}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "node 2 finds nodes 0 and 1", func() bool {
+		got := lookupIDs(t, rs[2], key)
+		return slices.Contains(got, rs[0].ID()) && slices.Contains(got, rs[1].ID())
+	})
+	dead := rs[1].ID()
+	if err := rs[1].Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed := time.Now()
+	waitFor(t, testTTL+time.Second, "node 2 stops returning the closed node", func() bool {
+		return !slices.Contains(lookupIDs(t, rs[2], key), dead)
+	})
+	t.Logf("dead provider dropped after %v", time.Since(closed))
+	if got := lookupIDs(t, rs[2], key); !slices.Contains(got, rs[0].ID()) {
+		t.Fatalf("live provider lost: %v", got)
+	}
+}
+
+func TestWithdrawnRecordExpiresWithinTTL(t *testing.T) {
+	rs := startNetwork(t, 2, nil)
+	key := "sha256:withdrawn"
+	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "node 1 finds node 0", func() bool {
+		return slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
+	})
+	// Records are re-provided, so they outlive one TTL while advertised.
+	time.Sleep(testTTL + testTTL/2)
+	if got := lookupIDs(t, rs[1], key); !slices.Contains(got, rs[0].ID()) {
+		t.Fatalf("advertised record expired despite reproviding: %v", got)
+	}
+	if err := rs[0].Withdraw(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	withdrawn := time.Now()
+	// The provider stays reachable, so only record expiry removes it.
+	waitFor(t, testTTL+testTTL/2+time.Second, "the withdrawn record expires", func() bool {
+		return !slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
+	})
+	t.Logf("withdrawn record gone after %v", time.Since(withdrawn))
+}
+
+func TestLookupFillsAddrAndZone(t *testing.T) {
+	rs := startNetwork(t, 2, func(i int, cfg *Config) {
+		if i == 0 {
+			cfg.RegistryAddr = ":5123"
+			cfg.Zone = "eu-1a"
+		}
+	})
+	key := "docker.io/library/alpine:3.20"
+	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	want := routing.Peer{ID: rs[0].ID(), Addr: "http://127.0.0.1:5123", Zone: "eu-1a"}
+	waitFor(t, 5*time.Second, "node 1 finds node 0 with its address and zone", func() bool {
+		got, err := rs[1].Lookup(context.Background(), key, 5)
+		return err == nil && len(got) == 1 && got[0] == want
+	})
+	got, _ := rs[0].Lookup(context.Background(), key, 5)
+	if len(got) != 0 {
+		t.Fatalf("node 0 found %v (want nothing: only itself provides)", got)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	rs := startNetwork(t, 2, func(i int, cfg *Config) {
+		if i == 1 {
+			cfg.Registerer = reg
+		}
+	})
+	r := rs[1]
+	if err := r.Advertise(context.Background(), []string{"sha256:m1", "sha256:m2", "sha256:m3"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Withdraw(context.Background(), []string{"sha256:m3"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Lookup(context.Background(), "sha256:none", 3); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 3*time.Second, "peers gauge updated", func() bool { return gaugeValue(t, reg, "shoal_dht_peers") >= 1 })
+	if v := gaugeValue(t, reg, "shoal_dht_advertised_keys"); v != 2 {
+		t.Errorf("shoal_dht_advertised_keys = %v, want 2", v)
+	}
+	families := gather(t, reg)
+	if h := families["shoal_dht_lookup_duration_seconds"]; h == nil || h.Metric[0].GetHistogram().GetSampleCount() != 1 {
+		t.Errorf("lookup histogram = %v, want one sample", h)
+	}
+	if families["shoal_dht_provide_errors_total"] == nil {
+		t.Error("shoal_dht_provide_errors_total not registered")
+	}
+}
+
+func gather(t *testing.T, reg *prometheus.Registry) map[string]*dto.MetricFamily {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]*dto.MetricFamily{}
+	for _, mf := range mfs {
+		out[mf.GetName()] = mf
+	}
+	return out
+}
+
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mf := gather(t, reg)[name]
+	if mf == nil {
+		t.Fatalf("metric %s not registered", name)
+	}
+	return mf.Metric[0].GetGauge().GetValue()
+}
+
+func TestListenMultiaddr(t *testing.T) {
+	tests := []struct {
+		in, want string
+		wantErr  bool
+	}{
+		{in: "0.0.0.0:5001", want: "/ip4/0.0.0.0/tcp/5001"},
+		{in: ":5001", want: "/ip4/0.0.0.0/tcp/5001"},
+		{in: "[::1]:5001", want: "/ip6/::1/tcp/5001"},
+		{in: "/ip4/127.0.0.1/tcp/0", want: "/ip4/127.0.0.1/tcp/0"},
+		{in: "example.com:5001", wantErr: true},
+		{in: "5001", wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.in, func(t *testing.T) {
+			got, err := listenMultiaddr(tt.in)
+			if tt.wantErr {
+				if err == nil {
+					t.Fatalf("want error, got %v", got)
+				}
+				return
+			}
+			if err != nil || !got.Equal(ma.StringCast(tt.want)) {
+				t.Fatalf("got %v, %v; want %s", got, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestAgentRoundTrip(t *testing.T) {
+	tests := []struct {
+		name         string
+		ua           string
+		registry     string
+		zone         string
+		ok           bool
+		connIP       string
+		wantURL      string
+		wantURLError bool
+	}{
+		{name: "registry_and_zone", ua: agentString("10.0.0.7:5000", "eu-1a"), registry: "10.0.0.7:5000", zone: "eu-1a", ok: true, connIP: "10.9.9.9", wantURL: "http://10.0.0.7:5000"},
+		{name: "no_zone", ua: agentString(":5000", ""), registry: ":5000", ok: true, connIP: "10.0.0.8", wantURL: "http://10.0.0.8:5000"},
+		{name: "unspecified_host_uses_conn_ip", ua: agentString("0.0.0.0:5000", ""), registry: "0.0.0.0:5000", ok: true, connIP: "10.0.0.9", wantURL: "http://10.0.0.9:5000"},
+		{name: "ipv6_conn_ip", ua: agentString("[::]:5000", ""), registry: "[::]:5000", ok: true, connIP: "fd00::1", wantURL: "http://[fd00::1]:5000"},
+		{name: "no_conn_ip", ua: agentString(":5000", ""), registry: ":5000", ok: true, wantURLError: true},
+		{name: "not_shoal", ua: "kubo/0.30.0", ok: false},
+		{name: "shoal_without_registry", ua: "shoal/1 zone=a", zone: "a", ok: false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			registry, zone, ok := parseAgent(tt.ua)
+			if registry != tt.registry || zone != tt.zone || ok != tt.ok {
+				t.Fatalf("parseAgent(%q) = %q, %q, %v", tt.ua, registry, zone, ok)
+			}
+			if !ok {
+				return
+			}
+			url, err := registryURL(registry, net.ParseIP(tt.connIP))
+			if tt.wantURLError {
+				if err == nil {
+					t.Fatalf("want error, got %s", url)
+				}
+				return
+			}
+			if err != nil || url != tt.wantURL {
+				t.Fatalf("registryURL = %q, %v; want %q", url, err, tt.wantURL)
+			}
+		})
+	}
+}
+
+func TestKeyCIDIsStable(t *testing.T) {
+	a, err := keyCID("sha256:abc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := keyCID("sha256:abc")
+	c, _ := keyCID("sha256:abd")
+	if !a.Equals(b) || a.Equals(c) {
+		t.Fatalf("keyCID not a function of the key: %s %s %s", a, b, c)
+	}
+	if a.Prefix().Codec != 0x55 || a.Prefix().MhType != 0x12 || a.Version() != 1 {
+		t.Fatalf("CID prefix = %+v, want v1 raw sha2-256", a.Prefix())
+	}
+}
