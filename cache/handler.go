@@ -129,15 +129,16 @@ func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string,
 	if ok && rec.Digest == desc.Digest {
 		result = resultRevalidated
 	}
-	rec = tagRecord{Digest: desc.Digest, MediaType: desc.MediaType, Size: desc.Size, Validated: now}
-	if err := c.store.putTag(ctx, q.Registry, q.repo, q.Tag, rec); err != nil {
-		c.cfg.Logger.WarnContext(ctx, "could not record tag", "ref", q.Reference(), "err", err)
-	}
-	if served, err := c.serveStoredManifest(w, r, q, desc.Digest, ""); served || err != nil {
-		if result == resultMiss {
-			result = resultHit // new tag, content already held: no counted request
+	next := tagRecord{Digest: desc.Digest, MediaType: desc.MediaType, Size: desc.Size, Validated: now}
+	if _, _, held, err := c.store.getManifest(ctx, q.Registry, q.repo, desc.Digest); err == nil && held {
+		// Unchanged, or moved to content the cache already holds: no counted request.
+		c.recordTag(ctx, q, next)
+		if served, err := c.serveStoredManifest(w, r, q, desc.Digest, ""); served || err != nil {
+			if result == resultMiss {
+				result = resultHit
+			}
+			return result, err
 		}
-		return result, err
 	}
 	if q.head {
 		// A HEAD never costs a counted request: answer from the upstream HEAD.
@@ -147,10 +148,26 @@ func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string,
 	}
 	qd := q
 	qd.Digest, qd.Tag = desc.Digest, ""
-	if _, err := c.serveManifestDigest(w, r, qd, true); err != nil {
-		return "", err
+	_, err = c.serveManifestDigest(w, r, qd, !ok)
+	if err == nil {
+		c.recordTag(ctx, q, next)
+		return resultMiss, nil
 	}
-	return resultMiss, nil
+	if ok {
+		// The tag moved upstream but the new content cannot be fetched now
+		// (budget, rate limit, outage): the old content is better than nothing.
+		if served, serr := c.serveStoredManifest(w, r, q, rec.Digest, staleReason(err)); served || serr != nil {
+			c.metrics.stale.WithLabelValues(staleLabel(err)).Inc()
+			return resultStale, serr
+		}
+	}
+	return "", err
+}
+
+func (c *Cache) recordTag(ctx context.Context, q req, rec tagRecord) {
+	if err := c.store.putTag(ctx, q.Registry, q.repo, q.Tag, rec); err != nil {
+		c.cfg.Logger.WarnContext(ctx, "could not record tag", "ref", q.Reference(), "err", err)
+	}
 }
 
 func staleLabel(err error) string {
@@ -284,6 +301,14 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	if mt == "" || !oci.IsManifestMediaType(mt) {
 		mt = oci.SniffManifestMediaType(b)
 	}
+	// The flight commits in the background; store it now as well, so the
+	// next request (a tag revalidation, a stale fallback) finds it. A second
+	// put of the same bytes is harmless.
+	if _, _, held, err := c.store.getManifest(ctx, q.Registry, q.repo, q.Digest); err == nil && !held {
+		if err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b); err != nil {
+			c.cfg.Logger.WarnContext(ctx, "manifest not cached", "digest", q.Digest, "err", err)
+		}
+	}
 	writeManifestHeaders(w, q.Digest, mt, int64(len(b)))
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(b)
@@ -408,12 +433,28 @@ func (c *Cache) streamBlob(w http.ResponseWriter, r *http.Request, q req, body i
 		return c.upstreamError(rerr, "blob "+q.Digest.String())
 	}
 	w.WriteHeader(status)
-	written, err := io.Copy(w, io.MultiReader(bytes.NewReader(first[:n]), io.LimitReader(body, length-int64(n))))
+	// Everything but the last byte goes out as it arrives. The last byte waits
+	// until the whole fetch has ended and its digest checked out, so a client
+	// never receives a complete body made of bad bytes.
+	src := io.MultiReader(bytes.NewReader(first[:n]), body)
+	written, err := io.CopyN(w, src, max(length-1, 0))
+	var last [1]byte
+	if err == nil && length > 0 {
+		_, err = io.ReadFull(src, last[:])
+	}
+	if err == nil {
+		_, err = io.Copy(io.Discard, body) // the rest of a ranged read; returns the fetch's verdict
+	}
+	if err == nil && length > 0 {
+		var k int
+		k, err = w.Write(last[:])
+		written += int64(k)
+	}
 	c.metrics.served.Add(float64(written))
 	if err != nil || written != length {
 		// Headers are out: cut the connection so the client sees a failure,
-		// never a short body that looks complete.
-		c.cfg.Logger.WarnContext(ctx, "blob stream broke", "digest", q.Digest, "written", written, "of", length, "err", err)
+		// never a short or unverified body that looks complete.
+		c.cfg.Logger.WarnContext(ctx, "blob stream aborted", "digest", q.Digest, "written", written, "of", length, "err", err)
 		panic(http.ErrAbortHandler)
 	}
 	return nil

@@ -57,7 +57,9 @@ func (r Route) Reference() string {
 // Anchored forms of distribution/reference's grammar. Its exported
 // expressions are unanchored and leftmost-first, so FindString can stop early.
 var (
-	anchoredName   = anchor(reference.NameRegexp)
+	// anchoredName is the distribution spec's repository name grammar:
+	// lowercase path components, no domain (the registry comes from ?ns=).
+	anchoredName   = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
 	anchoredTag    = anchor(reference.TagRegexp)
 	anchoredDomain = anchor(reference.DomainRegexp)
 )

@@ -39,6 +39,8 @@ type Result struct {
 	// Body streams the bytes as the leader fetches them; nil when Elsewhere.
 	// The caller must close it. Its reads fail with the fetch's error if the
 	// fetch fails, or with the caller's ctx error if that ends first.
+	// It also has a method Size(ctx) (int64, error) that returns the total
+	// size Fetch announced by calling SetSize(int64) on its writer.
 	Body io.ReadCloser
 	// Elsewhere is true when another replica fetched and committed the
 	// content; read it from storage.

@@ -37,7 +37,9 @@ type call struct {
 	mu   sync.Mutex
 	file *os.File
 	size int64
-	done bool
+	// total is the size Fetch announced with SetSize, -1 until then.
+	total int64
+	done  bool
 	err  error
 	wake chan struct{} // closed and replaced whenever size or done changes
 	refs int           // attached callers, plus one for the running flight
@@ -70,9 +72,8 @@ func (l *Local) do(ctx context.Context, key string, job Job, g gate) (Result, er
 	}
 	l.mu.Lock()
 	c, joined := l.calls[key]
-	joined = false
 	if !joined {
-		c = &call{ready: make(chan struct{}), wake: make(chan struct{}), refs: 1}
+		c = &call{ready: make(chan struct{}), wake: make(chan struct{}), refs: 1, total: -1}
 		l.calls[key] = c
 	}
 	c.mu.Lock()
@@ -238,6 +239,21 @@ func (s spool) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// SetSize announces the content's total size before its first byte, so that
+// every reader can learn it (Body's Size) without waiting for the end.
+// Fetch reaches it through its io.Writer.
+func (s spool) SetSize(n int64) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done || c.total >= 0 {
+		return
+	}
+	c.total = n
+	close(c.wake)
+	c.wake = make(chan struct{})
+}
+
 // body reads the spool from 0, waiting at its end for the fetch.
 type body struct {
 	l      *Local
@@ -280,6 +296,36 @@ func (b *body) Read(p []byte) (int, error) {
 		select {
 		case <-wake:
 		case <-b.ctx.Done():
+		}
+	}
+}
+
+// Size returns the total size the fetch announced with SetSize. It waits for
+// the announcement, the first byte or the end of the fetch, whichever comes
+// first; it returns -1 if bytes arrive with no size announced, and the
+// fetch's error if it fails before either.
+func (b *body) Size(ctx context.Context) (int64, error) {
+	c := b.c
+	for {
+		c.mu.Lock()
+		total, size, done, ferr, wake := c.total, c.size, c.done, c.err, c.wake
+		c.mu.Unlock()
+		switch {
+		case total >= 0:
+			return total, nil
+		case done && ferr != nil:
+			return 0, ferr
+		case done:
+			return size, nil
+		case size > 0:
+			return -1, nil
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("flight: %w", ctx.Err())
+		case <-b.ctx.Done():
+			return 0, fmt.Errorf("flight: %w", b.ctx.Err())
 		}
 	}
 }

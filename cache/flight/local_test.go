@@ -253,3 +253,38 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func TestSizeIsAnnouncedBeforeTheFirstByte(t *testing.T) {
+	l, err := flight.NewLocal(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	job := flight.Job{
+		Fetch: func(ctx context.Context, w io.Writer) error {
+			w.(interface{ SetSize(int64) }).SetSize(42)
+			<-release
+			_, err := w.Write(make([]byte, 42))
+			return err
+		},
+		Commit: func(context.Context, *os.File) error { return nil },
+	}
+	res, err := l.Do(context.Background(), "k", job)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := res.Body.(interface {
+		Size(context.Context) (int64, error)
+	}).Size(ctx)
+	if err != nil || n != 42 {
+		t.Fatalf("Size = %d, %v; want 42 before any byte was written", n, err)
+	}
+	close(release)
+	b, err := io.ReadAll(res.Body)
+	if err != nil || len(b) != 42 {
+		t.Fatalf("read %d bytes, %v", len(b), err)
+	}
+}

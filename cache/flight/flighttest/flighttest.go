@@ -118,7 +118,14 @@ func Conformance(t *testing.T, newFlight func(t *testing.T) Flight) {
 				got[i], errs[i] = io.ReadAll(res.Body)
 			}()
 		}
-		started.Wait()
+		all := make(chan struct{})
+		go func() { started.Wait(); close(all) }()
+		select {
+		case <-all:
+		case <-time.After(10 * time.Second):
+			close(release)
+			t.Fatal("not every caller joined the flight within 10s")
+		}
 		close(release)
 		done.Wait()
 		for i := range n {
