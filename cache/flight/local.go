@@ -40,9 +40,9 @@ type call struct {
 	// total is the size Fetch announced with SetSize, -1 until then.
 	total int64
 	done  bool
-	err  error
-	wake chan struct{} // closed and replaced whenever size or done changes
-	refs int           // attached callers, plus one for the running flight
+	err   error
+	wake  chan struct{} // closed and replaced whenever size or done changes
+	refs  int           // attached callers, plus one for the running flight
 }
 
 // NewLocal returns a Local that spools fetches into files under spoolDir,
