@@ -272,6 +272,7 @@ func runNode(args []string, stderr io.Writer) error {
 		pskFile      = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join")
 		providerTTL  = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
 		hedge        = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
+		verifyBlobs  = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
 		grace        = f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown")
 		logLevel     = f.String("log-level", "info", "debug, info, warn or error")
 		bootstrap    listFlag
@@ -314,7 +315,7 @@ func runNode(args []string, stderr io.Writer) error {
 	}
 
 	cfg := node.Config{
-		Store: st, CacheURL: *cacheURL, Zone: *zone, HedgeDelay: *hedge,
+		Store: st, CacheURL: *cacheURL, Zone: *zone, HedgeDelay: *hedge, VerifyBlobs: *verifyBlobs,
 		Logger: log.With("component", "node"), Registerer: reg,
 		Registries: registries,
 	}

@@ -36,6 +36,7 @@ type Node struct {
 	metrics *metrics
 	peers   *http.Client
 	cache   *http.Client
+	dialer  *net.Dialer // raw peer connections, for splice
 	synced  atomic.Bool
 }
 
@@ -67,6 +68,7 @@ func New(cfg Config) (*Node, error) {
 		metrics: m,
 		peers:   &http.Client{Transport: cfg.PeerTransport, CheckRedirect: noRedirects},
 		cache:   &http.Client{Transport: cfg.CacheTransport, CheckRedirect: noRedirects},
+		dialer:  &net.Dialer{Timeout: 500 * time.Millisecond, KeepAlive: 30 * time.Second},
 	}, nil
 }
 

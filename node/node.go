@@ -60,6 +60,11 @@ type Config struct {
 	Zone string
 	// MaxPeers bounds how many providers a lookup returns. Default 5.
 	MaxPeers int
+	// VerifyBlobs makes the node hash every blob it relays whole and hold
+	// back its last chunk until the digest checks out, for clients that do
+	// not verify. Off, blobs from peers move by splice(2) without a copy
+	// through user space; containerd verifies every blob itself.
+	VerifyBlobs bool
 	// HedgeDelay is how long to wait for a peer's response headers before asking the next peer too. Default 150ms.
 	HedgeDelay time.Duration
 	// LookupTimeout bounds one DHT lookup. Default 1s.

@@ -255,8 +255,8 @@ func TestHandler(t *testing.T) {
 		resp, body = get(t, "GET", nodes[1].srv.URL+"/v2/x/manifests/v1")
 		wantOCIError(t, resp, body, 404, "MANIFEST_UNKNOWN")
 	})
-	t.Run("corrupt_peer_bytes_never_look_complete", func(t *testing.T) {
-		nodes := cluster(t, 2, nil)
+	t.Run("with_verify_blobs_corrupt_peer_bytes_never_look_complete", func(t *testing.T) {
+		nodes := cluster(t, 2, func(_ int, c *Config) { c.VerifyBlobs = true })
 		good := nodes[0].store.add(blob, "")
 		// Node 0 now serves wrong bytes under the right digest.
 		bad := append([]byte{}, blob...)
