@@ -51,6 +51,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Digests and tags this node advertises to its peers.",
 		}),
 	}
+	// Pre-create the label sets dashboards plot, so they read 0, not "no data".
+	for _, src := range []string{sourceLocal, sourcePeer, sourceCache, sourceMiss} {
+		for _, kind := range []string{"manifest", "blob"} {
+			m.requests.WithLabelValues(src, kind)
+		}
+		if src != sourceMiss {
+			m.bytes.WithLabelValues(src)
+		}
+	}
 	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.peerErrors, m.keys} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestFlagsReadEnvTwins(t *testing.T) {
+	t.Setenv("SHOAL_CACHE_URL", "http://from-env:5000")
+	t.Setenv("SHOAL_PROVIDER_TTL", "7s")
+	t.Setenv("SHOAL_BOOTSTRAP_PEERS", "a:1,b:2")
+	f := newFlags("node", "", io.Discard)
+	cacheURL := f.String("cache-url", "", "")
+	ttl := f.Duration("provider-ttl", time.Minute, "")
+	zone := f.String("zone", "", "")
+	var peers listFlag
+	f.Var(&peers, "bootstrap-peers", "")
+	if err := f.parse([]string{"--zone", "eu-1a", "--cache-url", "http://from-flag:5000"}); err != nil {
+		t.Fatal(err)
+	}
+	if *cacheURL != "http://from-flag:5000" {
+		t.Errorf("a flag must win over its env twin: %q", *cacheURL)
+	}
+	if *ttl != 7*time.Second || *zone != "eu-1a" || strings.Join(peers, " ") != "a:1 b:2" {
+		t.Errorf("ttl %v zone %q peers %v", *ttl, *zone, peers)
+	}
+}
+
+func TestBadEnvTwinIsAnError(t *testing.T) {
+	t.Setenv("SHOAL_PROVIDER_TTL", "soon")
+	f := newFlags("node", "", io.Discard)
+	f.Duration("provider-ttl", time.Minute, "")
+	if err := f.parse(nil); err == nil || !strings.Contains(err.Error(), "SHOAL_PROVIDER_TTL") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestHelpNamesEveryEnvTwin(t *testing.T) {
+	for _, cmd := range []string{"node", "cache", "configure"} {
+		var out bytes.Buffer
+		err := run([]string{cmd, "--help"}, &out, &out)
+		if err == nil {
+			t.Fatalf("%s --help: want flag.ErrHelp", cmd)
+		}
+		for _, line := range strings.Split(out.String(), "\n") {
+			line = strings.TrimSpace(line)
+			if !strings.HasPrefix(line, "--") {
+				continue
+			}
+			name := strings.Fields(line)[0][2:]
+			if !strings.Contains(line, "["+envName(name)+"]") {
+				t.Errorf("%s: %q does not name its env twin", cmd, line)
+			}
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "1024": 1024, "512MiB": 512 << 20, "50GiB": 50 << 30, "1.5GB": 1_500_000_000, "10 KiB": 10 << 10} {
+		got, err := parseSize(in)
+		if err != nil || got != want {
+			t.Errorf("%q: %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "-1", "lots", "1XB"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestUnknownCommand(t *testing.T) {
+	var out bytes.Buffer
+	if err := run([]string{"serve"}, &out, &out); err == nil {
+		t.Fatal("unknown command accepted")
+	}
+	out.Reset()
+	if err := run([]string{"version"}, &out, &out); err != nil || !strings.HasPrefix(out.String(), "shoal ") {
+		t.Fatalf("version: %v %q", err, out.String())
+	}
+}
