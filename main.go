@@ -260,6 +260,7 @@ func runNode(args []string, stderr io.Writer) error {
 		namespace    = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
 		contentDir   = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
 		ctrdConfig   = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
+		ctrdPoll     = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
 		layoutDir    = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
 		registryAddr = f.String("registry-addr", ":5000", "address of the registry (mirror) HTTP server")
 		advertise    = f.String("advertise-addr", "", "host:port peers use to reach this node's registry (default: the registry port on the node's DHT address)")
@@ -301,17 +302,14 @@ func runNode(args []string, stderr io.Writer) error {
 		log.Info("serving an OCI image layout", "dir", *layoutDir)
 	} else {
 		cs, err := ctrdstore.New(ctx, ctrdstore.Config{
-			Address: *sock, Namespace: *namespace, ContentDir: *contentDir, ConfigPath: *ctrdConfig,
+			Address: *sock, Namespace: *namespace, ContentDir: *contentDir, ConfigPath: *ctrdConfig, PollInterval: *ctrdPoll,
 			Logger: log.With("component", "store"), Registerer: reg,
 		})
 		if err != nil {
 			return fmt.Errorf("containerd store: %w", err)
 		}
 		defer cs.Close()
-		for _, p := range cs.CheckConfig(ctx) {
-			log.Warn("containerd configuration prevents mirroring", "problem", p)
-		}
-		st = cs
+		st = cs // New has checked containerd's configuration and logged any problem.
 	}
 
 	cfg := node.Config{

@@ -256,12 +256,17 @@ func requestErr(method, url string, hdr ...string) (*http.Response, []byte, erro
 	return resp, body, err
 }
 
-// requireNoPanic fails if any node logged a panic.
+// requireNoPanic fails if any node logged a panic or (with SHOAL_E2E_RACE=1)
+// a data race.
 func requireNoPanic(t *testing.T, sites ...*site) {
 	t.Helper()
 	for _, s := range sites {
-		if strings.Contains(strings.ToLower(s.shoal.Log()), "panic") {
+		log := s.shoal.Log()
+		if strings.Contains(strings.ToLower(log), "panic") {
 			t.Errorf("node %s logged a panic", s.name)
+		}
+		if strings.Contains(log, "WARNING: DATA RACE") {
+			t.Errorf("node %s reported a data race", s.name)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/shoal-oci/shoal/test/harness"
 )
@@ -18,7 +19,7 @@ func TestPullFromPeer(t *testing.T) {
 	m, _, _ := imageDigests(t, img)
 
 	// Wait until A's tag is findable from B, then pull with ctr.
-	eventually(t, 10e9, "tag resolvable from B", func() error {
+	eventually(t, 10*time.Second, "tag resolvable from B", func() error {
 		return headManifest(b, "library/pullfrompeer", "v1", m.String())
 	})
 	pull(t, b, ref)
@@ -33,19 +34,34 @@ func TestPullFromPeer(t *testing.T) {
 }
 
 // The containerd 1.7 compatibility path: A runs containerd 1.7, B (2.x)
-// pulls A's image through its mirror.
+// pulls A's images through its mirror. containerd 1.7 publishes image events
+// for the images service (what CRI uses) but not for its transfer service,
+// so the first image (imported through the images service) is found through
+// events and the second (through the transfer service) by the store's poll.
 func TestPullFromContainerd17Peer(t *testing.T) {
 	sites := startSites(t, harness.ContainerdV17, harness.ContainerdV2)
 	a, b := sites[0], sites[1]
-	img := harness.RandomImage(t, 2, 32<<10)
-	const ref = "docker.io/library/compat17:v1"
-	importImage(t, a.ctrd, img, ref)
-	m, _, _ := imageDigests(t, img)
-	eventually(t, 10e9, "tag on the 1.7 node resolvable from B", func() error {
-		return headManifest(b, "library/compat17", "v1", m.String())
+
+	evImg := harness.RandomImage(t, 2, 32<<10)
+	const evRef = "docker.io/library/compat17:events"
+	a.ctrd.Ctr(t, "images", "import", "--local", "--no-unpack", harness.WriteOCILayoutTar(t, evImg, evRef))
+	m, _, _ := imageDigests(t, evImg)
+	eventually(t, 5*time.Second, "event-driven tag on the 1.7 node resolvable from B", func() error {
+		return headManifest(b, "library/compat17", "events", m.String())
 	})
-	pull(t, b, ref)
-	requireContent(t, b, img)
+	pull(t, b, evRef)
+	requireContent(t, b, evImg)
+
+	pollImg := harness.RandomImage(t, 1, 32<<10)
+	const pollRef = "docker.io/library/compat17:poll"
+	importImage(t, a.ctrd, pollImg, pollRef)
+	m, _, _ = imageDigests(t, pollImg)
+	eventually(t, 15*time.Second, "polled tag on the 1.7 node resolvable from B", func() error {
+		return headManifest(b, "library/compat17", "poll", m.String())
+	})
+	pull(t, b, pollRef)
+	requireContent(t, b, pollImg)
+
 	if got := a.shoal.Metric(t, "shoal_node_requests_total", `source="local"`); got == 0 {
 		t.Errorf("the 1.7 node served nothing")
 	}

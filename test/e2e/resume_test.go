@@ -27,45 +27,97 @@ import (
 const bigLayerSize = 128 << 20
 
 // (b) The peer serving a large blob is killed mid-transfer; the transfer
-// resumes on the other peer that holds it (Range), and the bytes match.
-// A ctr pull on B afterwards completes from the surviving peer.
+// resumes on the other peer that holds it (Range), and the bytes match. It
+// runs twice: through B's default (zero-copy) relay, then, with a fresh pair
+// of holders, through a node running --verify-blobs (the hashing relay). A
+// ctr pull on B afterwards completes from a surviving peer.
 func TestPeerKilledMidTransfer(t *testing.T) {
 	sites := startSites(t, harness.ContainerdV2, harness.ContainerdV2, harness.ContainerdV2)
 	a, b, c := sites[0], sites[1], sites[2]
 
 	t0 := time.Now()
 	layer := bigLayer(t, bigLayerSize)
-	t.Logf("layer made %s", time.Since(t0))
 	img := harness.ImageWithLayers(t, layer)
 	const ref = "docker.io/library/big:v1"
 	tarPath := harness.WriteOCILayoutTar(t, img, ref)
-	t.Logf("layout written %s", time.Since(t0))
 	a.ctrd.Import(t, tarPath)
 	c.ctrd.Import(t, tarPath)
-	t.Logf("imported %s", time.Since(t0))
+	t.Logf("image of %d MiB built and imported on A and C in %s", bigLayerSize>>20, time.Since(t0).Round(time.Millisecond))
 	ld, err := layer.Digest()
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Both holders have advertised manifest, config, layer and tag.
-	eventually(t, 10*time.Second, "A and C advertise the image", func() error {
-		for _, s := range []*site{a, c} {
-			if v, err := s.shoal.MetricErr("shoal_node_advertised_keys"); err != nil || v < 4 {
-				return fmt.Errorf("%s advertises %v keys (%v)", s.name, v, err)
+	holders := []*harness.ShoalNode{a.shoal, c.shoal}
+	waitAdvertised(t, holders...)
+
+	// Round 1: B's default relay.
+	killed := killMidTransfer(t, b.shoal, holders, "library/big", ld.String())
+	if v := b.shoal.Metric(t, "shoal_node_resumed_transfers_total"); v < 1 {
+		t.Errorf("shoal_node_resumed_transfers_total on B = %v, want >= 1", v)
+	}
+
+	// Round 2: a new node in place of the killed one, on the same
+	// containerd, and a relaying node with --verify-blobs (it serves an
+	// OCI layout without the big image).
+	var killedSite, otherSite *site
+	for _, s := range []*site{a, c} {
+		if s.shoal == killed {
+			killedSite = s
+		} else {
+			otherSite = s
+		}
+	}
+	peers := []string{a.shoal.RouterAddr, b.shoal.RouterAddr, c.shoal.RouterAddr}
+	revived := harness.StartShoalNode(t, harness.NodeOptions{
+		Bin: shoalBin, Name: killedSite.name + "2", Containerd: killedSite.ctrd, BootstrapPeers: peers,
+	})
+	layoutDir := t.TempDir()
+	harness.WriteOCILayoutDir(t, layoutDir, harness.RandomImage(t, 1, 1<<10), "docker.io/library/other:v1")
+	verifier := harness.StartShoalNode(t, harness.NodeOptions{
+		Bin: shoalBin, Name: "V", LayoutDir: layoutDir, BootstrapPeers: peers,
+		Args: []string{"--verify-blobs"},
+	})
+	holders = []*harness.ShoalNode{revived, otherSite.shoal}
+	waitAdvertised(t, holders...)
+	killMidTransfer(t, verifier, holders, "library/big", ld.String())
+	if v := verifier.Metric(t, "shoal_node_resumed_transfers_total"); v < 1 {
+		t.Errorf("shoal_node_resumed_transfers_total on the --verify-blobs node = %v, want >= 1", v)
+	}
+
+	// A whole ctr pull on B now completes from the surviving peer.
+	pull(t, b, ref)
+	requireContent(t, b, img)
+	requireNoPanic(t, sites...)
+	t.Logf("done in %s", time.Since(t0).Round(time.Millisecond))
+}
+
+// waitAdvertised waits until each node advertises at least the big image's
+// manifest, config, layer and tag.
+func waitAdvertised(t *testing.T, nodes ...*harness.ShoalNode) {
+	t.Helper()
+	eventually(t, 10*time.Second, "holders advertise the image", func() error {
+		for _, n := range nodes {
+			if v, err := n.MetricErr("shoal_node_advertised_keys"); err != nil || v < 4 {
+				return fmt.Errorf("%s advertises %v keys (%v)", n.Name, v, err)
 			}
 		}
 		return nil
 	})
+}
 
-	// Fetch the blob through B and stop reading after 16 MiB, so the
-	// serving peer's socket backs up and is easy to spot.
-	resp, err := http.Get(b.shoal.URL() + "/v2/library/big/blobs/" + ld.String() + "?ns=docker.io")
+// killMidTransfer fetches the blob through relay, stops reading after 16
+// MiB so that the serving holder's socket backs up, SIGKILLs that holder,
+// then reads the rest and checks the whole body against the digest. It
+// returns the node it killed.
+func killMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.ShoalNode, repo, dgst string) *harness.ShoalNode {
+	t.Helper()
+	resp, err := http.Get(relay.URL() + "/v2/" + repo + "/blobs/" + dgst + "?ns=docker.io")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET blob on B: %s", resp.Status)
+		t.Fatalf("GET blob on %s: %s", relay.Name, resp.Status)
 	}
 	if cl := resp.ContentLength; cl != bigLayerSize {
 		t.Fatalf("Content-Length %d, want %d", cl, bigLayerSize)
@@ -74,40 +126,31 @@ func TestPeerKilledMidTransfer(t *testing.T) {
 	if _, err := io.CopyN(h, resp.Body, 16<<20); err != nil {
 		t.Fatalf("first 16 MiB: %v", err)
 	}
-	var serving *site
+	var serving *harness.ShoalNode
 	eventually(t, 5*time.Second, "find the serving peer", func() error {
-		for _, s := range []*site{a, c} {
-			backed, err := sendQueued(s.shoal.RegistryAddr)
+		for _, n := range holders {
+			backed, err := sendQueued(n.RegistryAddr)
 			if err != nil {
 				return err
 			}
 			if backed {
-				serving = s
+				serving = n
 				return nil
 			}
 		}
-		return fmt.Errorf("no peer has bytes queued to B")
+		return fmt.Errorf("no holder has bytes queued to %s", relay.Name)
 	})
-	t.Logf("peer %s is serving; killing it", serving.name)
-	serving.shoal.Kill()
+	t.Logf("%s relays from %s; killing it", relay.Name, serving.Name)
+	serving.Kill()
 
 	n, err := io.Copy(h, resp.Body)
 	if err != nil {
 		t.Fatalf("rest of the blob after the kill: %v (read %d more bytes)", err, n)
 	}
-	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != ld.String() {
-		t.Fatalf("relayed blob hashes to %s, want %s", got, ld)
+	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != dgst {
+		t.Fatalf("relayed blob hashes to %s, want %s", got, dgst)
 	}
-	if v := b.shoal.Metric(t, "shoal_node_resumed_transfers_total"); v < 1 {
-		t.Errorf("shoal_node_resumed_transfers_total on B = %v, want >= 1", v)
-	}
-
-	t.Logf("relayed %s", time.Since(t0))
-	// A whole ctr pull on B now completes from the surviving peer.
-	pull(t, b, ref)
-	t.Logf("pulled %s", time.Since(t0))
-	requireContent(t, b, img)
-	requireNoPanic(t, sites...)
+	return serving
 }
 
 // bigLayer returns an uncompressed OCI layer of exactly size bytes: a tar

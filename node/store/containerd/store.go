@@ -159,6 +159,11 @@ func (s *Store) discoverContentDir(ctx context.Context) string {
 		if st, err := os.Stat(root); err == nil && st.IsDir() {
 			return root
 		}
+		// A fresh containerd creates its content dir with the first blob; if
+		// its parent is here, the dir will be too (Open falls back anyway).
+		if st, err := os.Stat(filepath.Dir(root)); err == nil && st.IsDir() {
+			return root
+		}
 		s.log.Info("containerd content dir not visible here; reading content through the API", "dir", root)
 	}
 	return ""
