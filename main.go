@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
+	"github.com/sirupsen/logrus"
 	"gopkg.in/yaml.v3"
 
 	"github.com/shoal-oci/shoal/auth"
@@ -452,6 +453,10 @@ func runCache(args []string, stderr io.Writer) error {
 	ctx, stop := signalContext()
 	defer stop()
 	reg := newRegistry()
+	// distribution's storage logs through logrus: keep it JSON and quiet, beside our slog lines.
+	logrus.SetFormatter(&logrus.JSONFormatter{})
+	logrus.SetOutput(stderr)
+	logrus.SetLevel(logrus.WarnLevel)
 
 	var file cacheFile
 	if *configFile != "" {

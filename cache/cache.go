@@ -63,8 +63,11 @@ type Config struct {
 	MaxSize int64
 	// EvictInterval is how often the size bound is enforced. Default 1m.
 	EvictInterval time.Duration
-	Logger        *slog.Logger
-	Registerer    prometheus.Registerer
+	// DrainTimeout bounds how long Run waits, once its context ends, for
+	// fetches in flight to commit. Default 30s.
+	DrainTimeout time.Duration
+	Logger       *slog.Logger
+	Registerer   prometheus.Registerer
 	// Now is the clock; default time.Now.
 	Now func() time.Time
 }
@@ -92,6 +95,9 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 	if cfg.EvictInterval <= 0 {
 		cfg.EvictInterval = time.Minute
 	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 30 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -118,8 +124,11 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 	return c, nil
 }
 
-// Run enforces the size bound until ctx is done.
+// Run enforces the size bound until ctx is done, then waits (up to
+// DrainTimeout) for fetches in flight to commit, so that content a client
+// already received is not lost when the process exits.
 func (c *Cache) Run(ctx context.Context) error {
+	defer c.drain()
 	if c.cfg.MaxSize <= 0 {
 		<-ctx.Done()
 		return nil
@@ -140,3 +149,16 @@ func (c *Cache) Run(ctx context.Context) error {
 
 // Evict runs one eviction pass now (for tests and operators).
 func (c *Cache) Evict(ctx context.Context) error { return c.evict.run(ctx) }
+
+// drain waits for the flight's running fetches, if it can tell.
+func (c *Cache) drain() {
+	d, ok := c.cfg.Flight.(interface{ Drain(context.Context) error })
+	if !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DrainTimeout)
+	defer cancel()
+	if err := d.Drain(ctx); err != nil {
+		c.cfg.Logger.Warn("fetches still running at shutdown; their content is not cached", "err", err)
+	}
+}

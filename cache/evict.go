@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sort"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/distribution/distribution/v3"
 	"github.com/distribution/distribution/v3/registry/storage"
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 )
@@ -154,7 +156,7 @@ func (e *evictor) blobs(ctx context.Context) (map[digest.Digest]cachedBlob, int6
 		total += desc.Size
 		return nil
 	})
-	if err != nil {
+	if err != nil && !isPathNotFound(err) { // nothing stored yet
 		return nil, 0, fmt.Errorf("enumerate blobs: %w", err)
 	}
 	return out, total, nil
@@ -210,7 +212,7 @@ func (e *evictor) manifests(ctx context.Context) ([]cachedManifest, error) {
 			return nil
 		})
 	})
-	if err != nil {
+	if err != nil && !isPathNotFound(err) {
 		return nil, fmt.Errorf("enumerate manifests: %w", err)
 	}
 	return out, nil
@@ -246,4 +248,10 @@ func (e *evictor) removeManifest(ctx context.Context, m cachedManifest) error {
 	}
 	e.log.InfoContext(ctx, "evicted manifest", "repo", m.repo, "digest", m.d)
 	return nil
+}
+
+// isPathNotFound reports a storage path that does not exist (yet).
+func isPathNotFound(err error) bool {
+	var pnf storagedriver.PathNotFoundError
+	return errors.As(err, &pnf)
 }

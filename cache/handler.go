@@ -85,6 +85,9 @@ func (c *Cache) serve(w http.ResponseWriter, r *http.Request) (result, kind stri
 		result, err = c.serveBlob(w, r, q)
 		return result, "blob", err
 	case rt.Tag != "":
+		if !q.head {
+			c.metrics.pulls.inc(q.Registry, q.repo)
+		}
 		result, err = c.serveTag(w, r, q)
 	default:
 		result, err = c.serveManifestDigest(w, r, q, true)
@@ -142,6 +145,14 @@ func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string,
 	}
 	if q.head {
 		// A HEAD never costs a counted request: answer from the upstream HEAD.
+		// containerd resolves a tag with HEAD and then GETs the manifest by
+		// digest, so record a tag seen for the first time now: otherwise the
+		// next pull asks upstream again, and an outage makes the cached image
+		// unresolvable. An existing record is kept as the stale fallback
+		// until the new content is held.
+		if !ok {
+			c.recordTag(ctx, q, next)
+		}
 		writeManifestHeaders(w, desc.Digest, desc.MediaType, desc.Size)
 		w.WriteHeader(http.StatusOK)
 		return resultMiss, nil

@@ -1,9 +1,14 @@
 package cache
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 type metrics struct {
 	requests      *prometheus.CounterVec
+	pulls         *boundedCounter
 	stale         *prometheus.CounterVec
 	served        prometheus.Counter
 	upstreamBytes prometheus.Counter
@@ -37,6 +42,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_cache_evicted_blobs_total",
 			Help: "Blobs removed to keep storage under --max-size.",
 		}),
+		pulls: newBoundedCounter(prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shoal_cache_image_pulls_total",
+			Help: "Tag resolutions (image pulls) by registry and repository; past 500 repositories, new ones count as repository=\"other\".",
+		}, []string{"registry", "repository"}), 500),
 	}
 	// Pre-create the label sets dashboards plot, so they read 0, not "no data".
 	for _, r := range []string{resultHit, resultMiss, resultRevalidated, resultStale, resultError} {
@@ -47,10 +56,38 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{"rate_limited", "unavailable", "timeout"} {
 		m.stale.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted} {
+	for _, c := range []prometheus.Collector{m.requests, m.pulls.vec, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// boundedCounter is a counter by (registry, repository) that stops adding
+// label sets past a bound, so a flood of distinct names cannot blow up the
+// metrics' cardinality.
+type boundedCounter struct {
+	vec  *prometheus.CounterVec
+	max  int
+	mu   sync.Mutex
+	seen map[[2]string]bool
+}
+
+func newBoundedCounter(vec *prometheus.CounterVec, max int) *boundedCounter {
+	return &boundedCounter{vec: vec, max: max, seen: map[[2]string]bool{}}
+}
+
+func (b *boundedCounter) inc(registry, repo string) {
+	b.mu.Lock()
+	k := [2]string{registry, repo}
+	if !b.seen[k] {
+		if len(b.seen) >= b.max {
+			repo = "other"
+		} else {
+			b.seen[k] = true
+		}
+	}
+	b.mu.Unlock()
+	b.vec.WithLabelValues(registry, repo).Inc()
 }

@@ -24,12 +24,9 @@ import (
 	_ "github.com/distribution/distribution/v3/manifest/ocischema"
 	_ "github.com/distribution/distribution/v3/manifest/schema2"
 
-	// Storage drivers, selectable by name.
-	_ "github.com/distribution/distribution/v3/registry/storage/driver/azure"
+	// Storage drivers, selectable by name; the cloud ones are in drivers_cloud.go.
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
-	_ "github.com/distribution/distribution/v3/registry/storage/driver/gcs"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/inmemory"
-	_ "github.com/distribution/distribution/v3/registry/storage/driver/s3-aws"
 )
 
 // blobRepo is the one storage repository that holds every cached blob, so a
@@ -46,6 +43,9 @@ func NewDriver(ctx context.Context, name string, params map[string]any) (storage
 		name = "s3aws"
 	}
 	d, err := factory.Create(ctx, name, params)
+	if err != nil && !cloudDrivers && (name == "s3aws" || name == "gcs" || name == "azure") {
+		return nil, fmt.Errorf("storage driver %q is not in this build (built with -tags nocloud): %w", name, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("storage driver %q: %w", name, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"time"
 )
 
 // Local is an in-process flight: at most one fetch per key at a time, shared
@@ -18,8 +19,9 @@ type Local struct {
 	cfg config
 	m   *metrics
 
-	mu    sync.Mutex
-	calls map[string]*call
+	mu      sync.Mutex
+	calls   map[string]*call
+	running int // flights started and not yet committed or failed
 }
 
 // A gate runs in the flight before Fetch. The Redis flight uses it to take
@@ -75,6 +77,7 @@ func (l *Local) do(ctx context.Context, key string, job Job, g gate) (Result, er
 	if !joined {
 		c = &call{ready: make(chan struct{}), wake: make(chan struct{}), refs: 1, total: -1}
 		l.calls[key] = c
+		l.running++
 	}
 	c.mu.Lock()
 	c.refs++
@@ -109,6 +112,11 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.timeout)
 	defer cancel()
 	defer c.unref()
+	defer func() {
+		l.mu.Lock()
+		l.running--
+		l.mu.Unlock()
+	}()
 	log := l.cfg.log.With("key", key)
 
 	release := func() {}
@@ -162,6 +170,27 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 	l.unlink(f.Name())
 	release()
 	l.forget(key, c)
+}
+
+// Drain waits until every running flight has committed or failed, or ctx
+// ends. A client gets its last byte before the commit, so a process that
+// exits without draining can lose content its clients already received.
+func (l *Local) Drain(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		l.mu.Lock()
+		n := l.running
+		l.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("flight: %d fetches still running: %w", n, ctx.Err())
+		case <-t.C:
+		}
+	}
 }
 
 func (l *Local) unlink(path string) {

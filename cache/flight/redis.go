@@ -52,6 +52,10 @@ func (r *Redis) Do(ctx context.Context, key string, job Job) (Result, error) {
 	})
 }
 
+// Drain waits until every flight of this replica has committed or failed,
+// or ctx ends; see Local.Drain.
+func (r *Redis) Drain(ctx context.Context) error { return r.local.Drain(ctx) }
+
 // lease takes the lease for key, or waits until another replica commits.
 func (r *Redis) lease(ctx context.Context, key string, job Job) (elsewhere bool, release func(), err error) {
 	lk := r.cfg.prefix + key

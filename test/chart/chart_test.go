@@ -489,8 +489,8 @@ func TestContainerArgsAreBinaryFlags(t *testing.T) {
 					}
 				}
 				if pre := ctr.Lifecycle.PreStop.Exec.Command; len(pre) > 0 {
-					if pre[0] != "/shoal" {
-						t.Errorf("%s: preStop runs %q, not /shoal", where, pre[0])
+					if pre[0] != "/shoal" && pre[0] != "/shoal-node" {
+						t.Errorf("%s: preStop runs %q, not /shoal or /shoal-node", where, pre[0])
 					}
 					checkArgs(t, where+" preStop", pre[1:])
 				}

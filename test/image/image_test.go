@@ -83,6 +83,9 @@ func TestImageLayout(t *testing.T) {
 	}
 
 	files := flatten(t, img)
+	if nb, ok := files["shoal-node"]; !ok || nb.mode&0o111 == 0 {
+		t.Errorf("no executable /shoal-node (the node binary) in the image")
+	}
 	bin, ok := files["shoal"]
 	if !ok {
 		t.Fatalf("no /shoal in the image; files: %v", keys(files))

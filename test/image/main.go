@@ -93,7 +93,13 @@ func Build(ctx context.Context, cfg Config) error {
 		if err := compile(ctx, cfg, *plat, bin); err != nil {
 			return err
 		}
-		img, err := imageFor(bin, roots, *plat)
+		// The node binary leaves out the object-storage SDKs, which it never
+		// uses: they cost an idle node about 27 MiB of memory.
+		nodeBin := bin + "-node"
+		if err := compile(ctx, cfg, *plat, nodeBin, "-tags", "nocloud"); err != nil {
+			return err
+		}
+		img, err := imageFor(bin, nodeBin, roots, *plat)
 		if err != nil {
 			return err
 		}
@@ -118,9 +124,9 @@ func Build(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-func compile(ctx context.Context, cfg Config, plat v1.Platform, out string) error {
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath",
-		"-ldflags", "-s -w -X main.version="+cfg.Version, "-o", out, ".")
+func compile(ctx context.Context, cfg Config, plat v1.Platform, out string, extra ...string) error {
+	args := append([]string{"build", "-trimpath", "-ldflags", "-s -w -X main.version=" + cfg.Version, "-o", out}, extra...)
+	cmd := exec.CommandContext(ctx, "go", append(args, ".")...)
 	cmd.Dir = cfg.Src
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS="+plat.OS, "GOARCH="+plat.Architecture)
 	if plat.Variant != "" && plat.Architecture == "arm" {
@@ -132,13 +138,17 @@ func compile(ctx context.Context, cfg Config, plat v1.Platform, out string) erro
 	return nil
 }
 
-// imageFor puts the binary at /shoal on an empty base, with /etc/passwd and
+// imageFor puts the binaries at /shoal and /shoal-node on an empty base, with /etc/passwd and
 // /etc/group naming the non-root user, a world-writable /tmp, and the
 // trusted roots, and the entrypoint and user of the Dockerfile.
-func imageFor(bin string, roots []byte, plat v1.Platform) (v1.Image, error) {
+func imageFor(bin, nodeBin string, roots []byte, plat v1.Platform) (v1.Image, error) {
 	exe, err := os.ReadFile(bin)
 	if err != nil {
 		return nil, fmt.Errorf("read binary: %w", err)
+	}
+	nodeExe, err := os.ReadFile(nodeBin)
+	if err != nil {
+		return nil, fmt.Errorf("read node binary: %w", err)
 	}
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -159,6 +169,7 @@ func imageFor(bin string, roots []byte, plat v1.Platform) (v1.Image, error) {
 		{name: "home/nonroot/", mode: 0o700, dir: true},
 		{name: "tmp/", mode: 0o1777, dir: true},
 		{name: "shoal", mode: 0o755, body: exe},
+		{name: "shoal-node", mode: 0o755, body: nodeExe},
 	}
 	for _, f := range files {
 		h := &tar.Header{Name: f.name, Mode: f.mode, ModTime: epoch, Format: tar.FormatPAX}

@@ -1,0 +1,5 @@
+//go:build nocloud
+
+package cache
+
+const cloudDrivers = false
