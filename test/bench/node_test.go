@@ -29,17 +29,7 @@ func rounds() int { return envInt("SHOAL_BENCH_ROUNDS", 5) }
 // waitFor retries f every 100ms until it succeeds or timeout passes.
 func waitFor(b *testing.B, timeout time.Duration, what string, f func() error) {
 	b.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("%s: still failing after %s: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	harness.Eventually(b, timeout, what, f)
 }
 
 // BenchmarkNodeBlob serves one large blob (1 GiB; SHOAL_BENCH_BLOB_MIB) three

@@ -4,7 +4,6 @@
 package e2e
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -213,47 +212,18 @@ func requireContent(t *testing.T, s *site, img v1.Image) {
 // eventually retries f every 100ms until it returns nil or timeout passes.
 func eventually(t *testing.T, timeout time.Duration, what string, f func() error) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still failing after %s: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	harness.Eventually(t, timeout, what, f)
 }
 
 // request sends method to url with headers and returns the response with its
-// body read (at most 1 MiB), failing the test on a transport error.
+// body read, failing the test on a transport error.
 func request(t *testing.T, method, url string, hdr ...string) (*http.Response, []byte) {
 	t.Helper()
-	resp, body, err := requestErr(method, url, hdr...)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	return resp, body
+	return harness.Request(t, method, url, hdr...)
 }
 
 func requestErr(method, url string, hdr ...string) (*http.Response, []byte, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, url, nil)
-	if err != nil {
-		return nil, nil, err
-	}
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	return resp, body, err
+	return harness.RequestErr(method, url, hdr...)
 }
 
 // requireNoPanic fails if any node logged a panic or (with SHOAL_E2E_RACE=1)

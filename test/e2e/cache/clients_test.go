@@ -180,7 +180,7 @@ func cliPull(t *testing.T, ctx context.Context, tool, addr, repo, tag string, wa
 	default:
 		return fmt.Errorf("unknown client %s", tool)
 	}
-	cmd.Env = append(filteredEnv("SHOAL_"), "HOME="+dir, "DOCKER_CONFIG="+filepath.Join(dir, "docker"))
+	cmd.Env = append(harness.FilteredEnv("SHOAL_"), "HOME="+dir, "DOCKER_CONFIG="+filepath.Join(dir, "docker"))
 	cmd.WaitDelay = 5 * time.Second
 	b, err := cmd.CombinedOutput()
 	if err != nil {

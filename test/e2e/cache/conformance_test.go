@@ -32,7 +32,7 @@ func TestDistributionSpecConformancePull(t *testing.T) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin)
 	cmd.Dir = t.TempDir()
-	cmd.Env = append(filteredEnv("OCI_"),
+	cmd.Env = append(harness.FilteredEnv("OCI_"),
 		"OCI_REGISTRY="+c.addr,
 		"OCI_TLS=disabled",
 		"OCI_REPO1=library/conformance",
