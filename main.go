@@ -243,6 +243,35 @@ func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers .
 	return runErr
 }
 
+// startDaemon sets up what every long-running command needs: a JSON logger,
+// a context that ends on SIGINT or SIGTERM, and a metrics registry.
+func startDaemon(stderr io.Writer, level string) (*slog.Logger, context.Context, context.CancelFunc, *prometheus.Registry, error) {
+	log, err := newLogger(stderr, level)
+	if err != nil {
+		return nil, nil, nil, nil, err
+	}
+	ctx, stop := signalContext()
+	return log, ctx, stop, newRegistry(), nil
+}
+
+// runDaemon serves h on addr (with /healthz and /readyz) and the ops
+// endpoints on metricsAddr until ctx ends; then it stops the background work
+// and waits for it (runErr) before returning.
+func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, grace time.Duration, addr, metricsAddr string,
+	h http.Handler, reg *prometheus.Registry, ready func() error, runErr <-chan error) error {
+	ops := opsHandler(reg, ready)
+	servers := []*http.Server{newServer(addr, withOps(h, ops), log)}
+	if metricsAddr != "" {
+		servers = append(servers, newServer(metricsAddr, ops, log))
+	}
+	err := serve(ctx, log, grace, servers...)
+	stop()
+	if rerr := <-runErr; rerr != nil && err == nil {
+		err = rerr
+	}
+	return err
+}
+
 func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Addr:              addr,
@@ -285,13 +314,11 @@ func runNode(args []string, stderr io.Writer) error {
 	if err := f.parse(args); err != nil {
 		return err
 	}
-	log, err := newLogger(stderr, *logLevel)
+	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
 	if err != nil {
 		return err
 	}
-	ctx, stop := signalContext()
 	defer stop()
-	reg := newRegistry()
 
 	var st node.Store
 	if *layoutDir != "" {
@@ -362,18 +389,8 @@ func runNode(args []string, stderr io.Writer) error {
 		}
 		return nil
 	}
-	ops := opsHandler(reg, ready)
-	servers := []*http.Server{newServer(*registryAddr, withOps(nd, ops), log)}
-	if *metricsAddr != "" {
-		servers = append(servers, newServer(*metricsAddr, ops, log))
-	}
 	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "cache", *cacheURL != "")
-	err = serve(ctx, log, *grace, servers...)
-	stop()
-	if rerr := <-runErr; rerr != nil && err == nil {
-		err = rerr
-	}
-	return err
+	return runDaemon(ctx, stop, log, *grace, *registryAddr, *metricsAddr, nd, reg, ready, runErr)
 }
 
 func runConfigure(args []string, stderr io.Writer) error {
@@ -446,13 +463,11 @@ func runCache(args []string, stderr io.Writer) error {
 	if err := f.parse(args); err != nil {
 		return err
 	}
-	log, err := newLogger(stderr, *logLevel)
+	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
 	if err != nil {
 		return err
 	}
-	ctx, stop := signalContext()
 	defer stop()
-	reg := newRegistry()
 	// distribution's storage logs through logrus: keep it JSON and quiet, beside our slog lines.
 	logrus.SetFormatter(&logrus.JSONFormatter{})
 	logrus.SetOutput(stderr)
@@ -597,17 +612,9 @@ func runCache(args []string, stderr io.Writer) error {
 		}
 		return nil
 	}
-	ops := opsHandler(reg, ready)
-	servers := []*http.Server{newServer(*addr, withOps(token.Middleware(c), ops), log)}
-	if *metricsAddr != "" {
-		servers = append(servers, newServer(*metricsAddr, ops, log))
-	}
 	log.Info("shoal cache starting", "version", buildVersion(), "addr", *addr, "storage", driverName,
 		"upstreams", registries, "redis", rdb != nil, "client_token", !token.Empty())
-	err = serve(ctx, log, *grace, servers...)
-	stop()
-	<-runErr
-	return err
+	return runDaemon(ctx, stop, log, *grace, *addr, *metricsAddr, token.Middleware(c), reg, ready, runErr)
 }
 
 // credentialRefs lets an upstream use the credentials stored under another

@@ -252,8 +252,8 @@ func TestBudgetExhausted(t *testing.T) {
 		t.Fatalf("exhausted, cached: %d %q", resp.StatusCode, resp.Header.Get("Warning"))
 	}
 	resp, body = f.get(t, "GET", "/v2/library/cold/manifests/v1")
-	if resp.StatusCode != 429 || errCode(body) != "TOOMANYREQUESTS" {
-		t.Fatalf("exhausted, uncached: %d %s", resp.StatusCode, body)
+	if resp.StatusCode != 429 || errCode(body) != "TOOMANYREQUESTS" || !strings.Contains(string(body), "library/cold:v1") {
+		t.Fatalf("exhausted, uncached: %d %s (the message must name the tag)", resp.StatusCode, body)
 	}
 	if n := f.hub.Counts().ManifestGET; n != 3 {
 		t.Fatalf("the cache spent past an exhausted budget: %d counted GETs", n)

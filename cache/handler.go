@@ -36,6 +36,15 @@ type req struct {
 	oci.Route
 	repo string // upstream repository, "library/" added for Docker Hub
 	head bool
+	what string // names the request in errors; default "manifest <digest>"
+}
+
+// describe names the request in error messages.
+func (q req) describe() string {
+	if q.what != "" {
+		return q.what
+	}
+	return "manifest " + q.Digest.String()
 }
 
 // ServeHTTP serves the distribution API, pull side.
@@ -158,6 +167,7 @@ func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string,
 		return resultMiss, nil
 	}
 	qd := q
+	qd.what = "tag " + q.Reference()
 	qd.Digest, qd.Tag = desc.Digest, ""
 	_, err = c.serveManifestDigest(w, r, qd, !ok)
 	if err == nil {
@@ -246,7 +256,7 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 		desc, err := c.cfg.Upstream.HeadManifest(hctx, q.Registry, q.repo, q.Digest.String())
 		cancel()
 		if err != nil {
-			return "", c.upstreamError(err, "manifest "+q.Digest.String())
+			return "", c.upstreamError(err, q.describe())
 		}
 		writeManifestHeaders(w, q.Digest, desc.MediaType, desc.Size)
 		w.WriteHeader(http.StatusOK)
@@ -255,7 +265,7 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	if c.cfg.Budget != nil {
 		acct := c.cfg.Upstream.Account(q.Registry)
 		if err := c.cfg.Budget.Allow(ctx, q.Registry, acct, cold); err != nil {
-			return "", c.upstreamError(err, "manifest "+q.Digest.String())
+			return "", c.upstreamError(err, q.describe())
 		}
 	}
 	var mt string
@@ -293,7 +303,7 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	}
 	res, err := c.cfg.Flight.Do(ctx, "manifest:"+q.Registry+"/"+q.repo+"@"+q.Digest.String(), job)
 	if err != nil {
-		return "", c.upstreamError(err, "manifest "+q.Digest.String())
+		return "", c.upstreamError(err, q.describe())
 	}
 	if res.Elsewhere {
 		if served, err := c.serveStoredManifest(w, r, q, q.Digest, ""); served || err != nil {
@@ -304,10 +314,10 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	defer res.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(res.Body, oci.MaxManifestSize+1))
 	if err != nil {
-		return "", c.upstreamError(err, "manifest "+q.Digest.String())
+		return "", c.upstreamError(err, q.describe())
 	}
 	if q.Digest.Algorithm().FromBytes(b) != q.Digest {
-		return "", c.upstreamError(oci.ErrDigestMismatch, "manifest "+q.Digest.String())
+		return "", c.upstreamError(oci.ErrDigestMismatch, q.describe())
 	}
 	if mt == "" || !oci.IsManifestMediaType(mt) {
 		mt = oci.SniffManifestMediaType(b)
