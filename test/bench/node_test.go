@@ -54,12 +54,14 @@ func BenchmarkNodeBlob(b *testing.B) {
 	bn := harness.StartShoalNode(b, harness.NodeOptions{Bin: bin, Name: "B", LayoutDir: empty.dir, BootstrapPeers: []string{a.RouterAddr}, Args: []string{"--log-level", "info"}})
 	bv := harness.StartShoalNode(b, harness.NodeOptions{Bin: bin, Name: "Bverify", LayoutDir: newLayout(b, b.TempDir()).dir, BootstrapPeers: []string{a.RouterAddr}, Args: []string{"--log-level", "info", "--verify-blobs"}})
 	fwd := startForwarder(b, a.RegistryAddr)
+	ufwd := startUserspaceForwarder(b, a.RegistryAddr)
 
 	c := newClient()
 	urlA := blobURL(a.URL(), "library/bench", blob.Digest)
 	urlB := blobURL(bn.URL(), "library/bench", blob.Digest)
 	urlV := blobURL(bv.URL(), "library/bench", blob.Digest)
 	urlF := blobURL("http://"+fwd, "library/bench", blob.Digest)
+	urlU := blobURL("http://"+ufwd, "library/bench", blob.Digest)
 	for _, u := range []string{urlB, urlV} {
 		waitFor(b, 30*time.Second, "B finds the blob on A", func() error {
 			st, err := head(c, u)
@@ -73,7 +75,7 @@ func BenchmarkNodeBlob(b *testing.B) {
 		})
 	}
 	// Warm the page cache and the connections once, unmeasured.
-	for _, u := range []string{nginx + "/" + blob.Digest.Encoded(), urlA, urlB, urlV, urlF} {
+	for _, u := range []string{nginx + "/" + blob.Digest.Encoded(), urlA, urlB, urlV, urlF, urlU} {
 		if _, err := download(c, u, size); err != nil {
 			b.Fatal(err)
 		}
@@ -85,6 +87,7 @@ func BenchmarkNodeBlob(b *testing.B) {
 		contender{"shoal-peer", func() (float64, error) { return download(c, urlB, size) }},
 		contender{"peer-verify", func() (float64, error) { return download(c, urlV, size) }},
 		contender{"tcp-splice-hop", func() (float64, error) { return download(c, urlF, size) }},
+		contender{"userspace-copy-hop", func() (float64, error) { return download(c, urlU, size) }},
 	)
 	local := meds[1] / meds[0]
 	result(b, "node/local-vs-nginx", fmt.Sprintf("shoal=%.0f nginx=%.0f MiB/s", meds[1], meds[0]), local, ">= 0.9", local >= 0.9)
@@ -96,6 +99,10 @@ func BenchmarkNodeBlob(b *testing.B) {
 	result(b, "node/bare-splice-hop-vs-local", fmt.Sprintf("hop=%.0f local=%.0f MiB/s", meds[4], meds[1]), ceil, "(ceiling, informative)", true)
 	rel := meds[2] / meds[4]
 	result(b, "node/peer-vs-bare-splice-hop", fmt.Sprintf("peer=%.0f hop=%.0f MiB/s", meds[2], meds[4]), rel, "(informative)", true)
+	us := meds[5] / meds[1]
+	result(b, "node/userspace-copy-hop-vs-local", fmt.Sprintf("hop=%.0f local=%.0f MiB/s", meds[5], meds[1]), us, "(a 32 KiB copy-loop relay, informative)", true)
+	gain := meds[2] / meds[5]
+	result(b, "node/peer-vs-userspace-copy-hop", fmt.Sprintf("peer=%.0f copy-loop=%.0f MiB/s", meds[2], meds[5]), gain, "(informative)", true)
 	if dir := os.Getenv("SHOAL_BENCH_PERF_DIR"); dir != "" {
 		perfRecord(b, dir, "peer-B", bn.PID(), func() error { _, err := download(c, urlB, size); return err })
 		perfRecord(b, dir, "peer-verify-B", bv.PID(), func() error { _, err := download(c, urlV, size); return err })
