@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,6 +38,7 @@ type Node struct {
 	peers   *http.Client
 	cache   *http.Client
 	dialer  *net.Dialer // raw peer connections, for splice
+	bufs    sync.Pool   // *[2][]byte: the hashing relay's copy buffers
 	synced  atomic.Bool
 }
 
@@ -69,6 +71,9 @@ func New(cfg Config) (*Node, error) {
 		peers:   &http.Client{Transport: cfg.PeerTransport, CheckRedirect: noRedirects},
 		cache:   &http.Client{Transport: cfg.CacheTransport, CheckRedirect: noRedirects},
 		dialer:  &net.Dialer{Timeout: 500 * time.Millisecond, KeepAlive: 30 * time.Second},
+		bufs: sync.Pool{New: func() any {
+			return &[2][]byte{make([]byte, relayChunk), make([]byte, 0, relayChunk)}
+		}},
 	}, nil
 }
 

@@ -337,7 +337,14 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 	if n.cfg.VerifyBlobs && status == http.StatusOK && rt.Digest.Algorithm().Available() {
 		hasher = rt.Digest.Algorithm().Hash()
 	}
-	c := &blobCopy{w: w, hasher: hasher, buf: make([]byte, relayChunk), held: make([]byte, 0, relayChunk)}
+	c := &blobCopy{w: w, hasher: hasher}
+	if hasher != nil {
+		// Only the hashing relay copies through user space; the buffers are
+		// pooled, since a fresh 2 MiB per request costs more than the request.
+		bufs := n.bufs.Get().(*[2][]byte)
+		defer n.bufs.Put(bufs)
+		c.buf, c.held = bufs[0], bufs[1][:0]
+	}
 	want := s.end - s.start + 1
 	used := map[int]bool{a.i: true}
 	for {

@@ -52,6 +52,7 @@ const (
 	DefaultBootstrapInterval  = 30 * time.Second
 	DefaultDialTimeout        = 2 * time.Second
 	DefaultLookupTimeout      = 5 * time.Second
+	DefaultLookupGrace        = 20 * time.Millisecond
 	DefaultProvideConcurrency = 8
 )
 
@@ -90,6 +91,9 @@ type Config struct {
 	DialTimeout time.Duration
 	// LookupTimeout bounds one Lookup. Default DefaultLookupTimeout.
 	LookupTimeout time.Duration
+	// LookupGrace is how long Lookup keeps collecting providers after the
+	// first one. Default DefaultLookupGrace.
+	LookupGrace time.Duration
 	// ProvideConcurrency is how many keys are provided at once. Default
 	// DefaultProvideConcurrency.
 	ProvideConcurrency int
@@ -238,6 +242,9 @@ func withDefaults(cfg Config) Config {
 	}
 	if cfg.LookupTimeout <= 0 {
 		cfg.LookupTimeout = DefaultLookupTimeout
+	}
+	if cfg.LookupGrace <= 0 {
+		cfg.LookupGrace = DefaultLookupGrace
 	}
 	if cfg.ProvideConcurrency <= 0 {
 		cfg.ProvideConcurrency = DefaultProvideConcurrency
@@ -523,12 +530,28 @@ func (r *Router) Lookup(ctx context.Context, key string, max int) ([]routing.Pee
 		close(found)
 	}()
 
+	// Once one provider is in hand, wait only a short grace for more: the
+	// rest of a DHT query costs round trips that a pull should not wait for.
 	var out []routing.Peer
-	for p := range found {
-		out = append(out, p)
-		if len(out) == max {
-			cancel()
-			break
+	var grace <-chan time.Time
+collect:
+	for {
+		select {
+		case p, ok := <-found:
+			if !ok {
+				break collect
+			}
+			out = append(out, p)
+			if len(out) == max {
+				break collect
+			}
+			if grace == nil {
+				t := time.NewTimer(r.cfg.LookupGrace)
+				defer t.Stop()
+				grace = t.C
+			}
+		case <-grace:
+			break collect
 		}
 	}
 	cancel()
