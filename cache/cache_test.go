@@ -301,3 +301,27 @@ func TestBadInput(t *testing.T) {
 	}
 	_ = fmt.Sprint
 }
+
+// containerd resolves a tag with HEAD and then GETs the digest it got: once
+// the budget is spent, a moved tag must resolve to the content still held.
+func TestHeadOfMovedTagWhenBudgetIsSpentPointsAtCachedContent(t *testing.T) {
+	f := newFixture(t, []hub.Option{hub.WithAnonymousLimit(3)}, nil)
+	cached := f.hub.Push(t, "library/cached", "v1", hub.Image(t, 1000, 1))
+	if resp, _ := f.get(t, "GET", "/v2/library/cached/manifests/v1"); resp.StatusCode != 200 {
+		t.Fatalf("warm-up: %d", resp.StatusCode)
+	}
+	for _, repo := range []string{"library/a", "library/b"} {
+		f.hub.Push(t, repo, "v1", hub.Image(t, 1000, 1))
+		f.get(t, "GET", "/v2/"+repo+"/manifests/v1")
+	}
+	f.hub.Retag(t, "library/cached", "v1", hub.Image(t, 1000, 1))
+	f.clock.add(2 * time.Minute)
+	resp, _ := f.get(t, "HEAD", "/v2/library/cached/manifests/v1")
+	if resp.StatusCode != 200 || resp.Header.Get("Docker-Content-Digest") != cached.String() || !strings.Contains(resp.Header.Get("Warning"), "stale") {
+		t.Fatalf("HEAD: %d %s %q; want the cached digest %s, stale", resp.StatusCode, resp.Header.Get("Docker-Content-Digest"), resp.Header.Get("Warning"), cached)
+	}
+	resp, body := f.get(t, "GET", "/v2/library/cached/manifests/"+cached.String())
+	if resp.StatusCode != 200 || digest.FromBytes(body) != cached {
+		t.Fatalf("GET by the digest HEAD gave: %d", resp.StatusCode)
+	}
+}

@@ -162,6 +162,18 @@ func (c *Cache) serveTag(w http.ResponseWriter, r *http.Request, q req) (string,
 		if !ok {
 			c.recordTag(ctx, q, next)
 		}
+		// The tag moved to content the cache does not hold. If the budget
+		// will not let the client's next request (GET by digest) fetch it,
+		// point the client at the old content instead: stale beats a
+		// digest that cannot be pulled.
+		if ok && c.cfg.Budget != nil {
+			if berr := c.cfg.Budget.Allow(ctx, q.Registry, c.cfg.Upstream.Account(q.Registry), false); berr != nil {
+				if served, serr := c.serveStoredManifest(w, r, q, rec.Digest, staleReason(berr)); served || serr != nil {
+					c.metrics.stale.WithLabelValues(staleLabel(berr)).Inc()
+					return resultStale, serr
+				}
+			}
+		}
 		writeManifestHeaders(w, desc.Digest, desc.MediaType, desc.Size)
 		w.WriteHeader(http.StatusOK)
 		return resultMiss, nil

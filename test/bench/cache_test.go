@@ -108,6 +108,11 @@ func startShoalCache(b *testing.B, bin string, hubs []*hub.Hub, extra ...string)
 // startProxy runs distribution v3 in proxy mode in
 // process, with filesystem storage, pulling through from h, and returns its base URL.
 func startProxy(b *testing.B, h *hub.Hub) string {
+	return startProxyTTL(b, h, 0)
+}
+
+// startProxyTTL is startProxy with the proxy's content TTL set (0: its default).
+func startProxyTTL(b *testing.B, h *hub.Hub, ttl time.Duration) string {
 	b.Helper()
 	dc := &configuration.Configuration{}
 	dc.Log.Level = "error"
@@ -120,6 +125,9 @@ func startProxy(b *testing.B, h *hub.Hub) string {
 		"maintenance": configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
 	}
 	dc.Proxy = configuration.Proxy{RemoteURL: h.URL()}
+	if ttl > 0 {
+		dc.Proxy.TTL = &ttl
+	}
 	ctx, cancel := context.WithCancel(quietContext(context.Background()))
 	app := handlers.NewApp(ctx, dc)
 	srv := httptest.NewUnstartedServer(app)
@@ -260,6 +268,15 @@ func BenchmarkCacheVsProxy(b *testing.B) {
 			pass = "FAIL"
 		}
 		fmt.Printf("RESULT cache/%s shoal=%v proxy=%v %s: %s\n", what, s, p, verdict, pass)
+	}
+	better := func(s, p bool) string {
+		switch {
+		case s == p:
+			return "tie"
+		case s:
+			return "win"
+		}
+		return "lose"
 	}
 	fewer := func(s, p int64) string {
 		switch {
@@ -426,6 +443,104 @@ func BenchmarkCacheVsProxy(b *testing.B) {
 	row("  same blobs, time to last byte (median s)", fmt.Sprintf("%.2f", median(whole["shoal"])), fmt.Sprintf("%.2f", median(whole["proxy"])), "info")
 	b.ReportMetric(meds[0], "shoal-ttfb-ms")
 	b.ReportMetric(meds[1], "proxy-ttfb-ms")
+
+	// 6. Upstream outage: a pull of an image cached before (past the
+	// freshness window), and of one never cached.
+	{
+		var ok [2]bool
+		var cold [2]string
+		for i, r := range both {
+			img, _ := rawImage(b, 4096)
+			r.hub.Push(b, "library/outage", "v1", img)
+			if _, err := pull(c, r, "library/outage", "v1", false); err != nil {
+				b.Fatal(err)
+			}
+			r.hub.Push(b, "library/never", "v1", img)
+			time.Sleep(2 * freshness)
+			r.hub.SetOutage(true)
+			_, err := pull(c, r, "library/outage", "v1", false)
+			ok[i] = err == nil
+			st, _, _, _ := get(c, http.MethodHead, r.url("library/never", "manifests", "v1"))
+			cold[i] = fmt.Sprint(st)
+			r.hub.SetOutage(false)
+		}
+		row("upstream down: pull of a cached image succeeds", ok[0], ok[1], better(ok[0], ok[1]))
+		row("upstream down: status for an image never cached", cold[0], cold[1], "info")
+	}
+
+	// 7. Rate limit reached: a pull of a cached image past the freshness
+	// window, and the counted GETs still sent upstream for uncached images.
+	{
+		limS := hub.Start(b, hub.WithAnonymousLimit(2))
+		limP := hub.Start(b, hub.WithAnonymousLimit(2))
+		rs := []registry{
+			{name: "shoal", base: startShoalCache(b, bin, []*hub.Hub{limS}, "--tag-freshness", freshness.String(), "--budget-reserve", "0"), query: "?ns=" + limS.Host(), hub: limS},
+			{name: "proxy", base: startProxy(b, limP), hub: limP},
+		}
+		var ok [2]bool
+		var sent [2]int64
+		for i, r := range rs {
+			for j := range 2 {
+				img, _ := rawImage(b, 2048)
+				r.hub.Push(b, fmt.Sprintf("library/limited%d", j), "v1", img)
+				if _, err := pull(c, r, fmt.Sprintf("library/limited%d", j), "v1", false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			// The budget is now spent. Move a cached tag and try five new images.
+			img, _ := rawImage(b, 2048)
+			r.hub.Retag(b, "library/limited0", "v1", img)
+			time.Sleep(2 * freshness)
+			_, err := pull(c, r, "library/limited0", "v1", false)
+			ok[i] = err == nil
+			before := r.hub.Counts()
+			for j := range 5 {
+				r.hub.Push(b, fmt.Sprintf("library/fresh%d", j), "v1", img)
+				_, _ = pull(c, r, fmt.Sprintf("library/fresh%d", j), "v1", false)
+			}
+			after := r.hub.Counts()
+			sent[i] = (after.ManifestGET + after.Throttled) - (before.ManifestGET + before.Throttled)
+		}
+		row("rate limit reached: pull of a cached image (tag moved) succeeds", ok[0], ok[1], better(ok[0], ok[1]))
+		row("rate limit reached: counted GETs sent for 5 uncached images", sent[0], sent[1], fewer(sent[0], sent[1]))
+	}
+
+	// 8. Content TTL: two repositories share a layer; once the first
+	// repository's content expires (proxy TTL 2s), pull the second.
+	{
+		ttlHub := hub.Start(b, hub.WithAnonymousLimit(hub.Unlimited))
+		shHub := hub.Start(b, hub.WithAnonymousLimit(hub.Unlimited))
+		rs := []registry{
+			{name: "shoal", base: startShoalCache(b, bin, []*hub.Hub{shHub}), query: "?ns=" + shHub.Host(), hub: shHub},
+			{name: "proxy", base: startProxyTTL(b, ttlHub, 2*time.Second), hub: ttlHub},
+		}
+		var refetch [2]int64
+		layer, _ := rawImage(b, 64<<10)
+		// t=0: repository one; t=1.2s: repository two, whose own content
+		// is then good until t=3.2s; at t=2.5s one has expired, two has not.
+		for _, r := range rs {
+			r.hub.Push(b, "library/one", "v1", layer)
+			r.hub.Push(b, "library/two", "v1", layer)
+			if _, err := pull(c, r, "library/one", "v1", false); err != nil {
+				b.Fatal(err)
+			}
+		}
+		time.Sleep(1200 * time.Millisecond)
+		for _, r := range rs {
+			if _, err := pull(c, r, "library/two", "v1", false); err != nil {
+				b.Fatal(err)
+			}
+		}
+		time.Sleep(1300 * time.Millisecond)
+		for i, r := range rs {
+			before := r.hub.Counts().BlobGET
+			if _, err := pull(c, r, "library/two", "v1", false); err != nil {
+				b.Fatal(err)
+			}
+			refetch[i] = r.hub.Counts().BlobGET - before
+		}
+		row("layer shared with a live repo, after the other's TTL: refetched blobs", refetch[0], refetch[1], fewer(refetch[0], refetch[1]))
+	}
 }
 
 // within compares two timings in ms (lower is better): a difference under
