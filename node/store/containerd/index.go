@@ -24,18 +24,7 @@ type imageRecord struct {
 	descs map[digest.Digest]ocispec.Descriptor
 }
 
-// view is an immutable snapshot of what the store serves.
-type view struct {
-	digests map[digest.Digest]ocispec.Descriptor
-	tags    map[string]digest.Digest
-	keys    map[string]struct{}
-}
-
-func emptyView() *view {
-	return &view{digests: map[digest.Digest]ocispec.Descriptor{}, tags: map[string]digest.Digest{}, keys: map[string]struct{}{}}
-}
-
-func (s *Store) currentView() *view {
+func (s *Store) currentView() *store.View {
 	s.viewMu.RLock()
 	defer s.viewMu.RUnlock()
 	return s.view
@@ -45,7 +34,7 @@ func (s *Store) currentView() *view {
 // some image and present in the content store, and tags whose target is
 // present. Callers hold s.mu.
 func (s *Store) rebuildLocked() {
-	v := emptyView()
+	v := store.NewView()
 	names := make([]string, 0, len(s.images))
 	for name := range s.images {
 		names = append(names, name)
@@ -58,21 +47,21 @@ func (s *Store) rebuildLocked() {
 			if !s.present[d] {
 				continue
 			}
-			if _, seen := v.digests[d]; !seen || v.digests[d].MediaType == "" {
-				v.digests[d] = ocispec.Descriptor{MediaType: desc.MediaType, Digest: d, Size: desc.Size}
+			if _, seen := v.Digests[d]; !seen || v.Digests[d].MediaType == "" {
+				v.Digests[d] = ocispec.Descriptor{MediaType: desc.MediaType, Digest: d, Size: desc.Size}
 			}
 		}
 		if rec.tag != "" && s.present[rec.target.Digest] {
-			if _, taken := v.tags[rec.tag]; !taken {
-				v.tags[rec.tag] = rec.target.Digest
+			if _, taken := v.Tags[rec.tag]; !taken {
+				v.Tags[rec.tag] = rec.target.Digest
 			}
 		}
 	}
-	for d := range v.digests {
-		v.keys[d.String()] = struct{}{}
+	for d := range v.Digests {
+		v.Keys[d.String()] = struct{}{}
 	}
-	for tag := range v.tags {
-		v.keys[tag] = struct{}{}
+	for tag := range v.Tags {
+		v.Keys[tag] = struct{}{}
 	}
 	// Forget presence and children of digests no image references any more.
 	referenced := map[digest.Digest]bool{}
@@ -94,7 +83,7 @@ func (s *Store) rebuildLocked() {
 	s.viewMu.Lock()
 	s.view = v
 	s.viewMu.Unlock()
-	s.metrics.keys.Set(float64(len(v.keys)))
+	s.metrics.keys.Set(float64(len(v.Keys)))
 }
 
 // rescan rebuilds the state from the full image list.

@@ -75,7 +75,7 @@ type Store struct {
 	children map[digest.Digest][]ocispec.Descriptor
 
 	viewMu sync.RWMutex
-	view   *view
+	view   *store.View
 }
 
 // New connects to containerd, scans its images, and checks its config
@@ -113,7 +113,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		images:     map[string]*imageRecord{},
 		present:    map[digest.Digest]bool{},
 		children:   map[digest.Digest][]ocispec.Descriptor{},
-		view:       emptyView(),
+		view:       store.NewView(),
 	}
 	ctx = s.nsCtx(ctx)
 	if s.contentDir == "" {
@@ -128,7 +128,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 			"problem", p.Name, "detail", p.Detail)
 	}
 	s.log.Info("containerd store ready", "address", cfg.Address, "content_dir", s.contentDir,
-		"keys", len(s.currentView().keys))
+		"keys", len(s.currentView().Keys))
 	return s, nil
 }
 
@@ -171,30 +171,18 @@ func (s *Store) discoverContentDir(ctx context.Context) string {
 
 // Resolve maps a tag reference to the digest its image record points to.
 func (s *Store) Resolve(_ context.Context, ref string) (digest.Digest, error) {
-	tag, ok := store.TagKey(ref)
-	if !ok {
-		return "", fmt.Errorf("resolve %q: not a tag reference: %w", ref, store.ErrNotFound)
-	}
-	d, ok := s.currentView().tags[tag]
-	if !ok {
-		return "", fmt.Errorf("resolve %q: %w", ref, store.ErrNotFound)
-	}
-	return d, nil
+	return s.currentView().Resolve(ref)
 }
 
 // Stat describes content that an image references and containerd holds.
 func (s *Store) Stat(_ context.Context, dgst digest.Digest) (ocispec.Descriptor, error) {
-	desc, ok := s.currentView().digests[dgst]
-	if !ok {
-		return ocispec.Descriptor{}, fmt.Errorf("stat %s: %w", dgst, store.ErrNotFound)
-	}
-	return desc, nil
+	return s.currentView().Stat(dgst)
 }
 
 // Open returns the content: the blob file itself when it is readable here,
 // else a reader over containerd's content API.
 func (s *Store) Open(ctx context.Context, dgst digest.Digest) (io.ReadSeekCloser, error) {
-	desc, ok := s.currentView().digests[dgst]
+	desc, ok := s.currentView().Digests[dgst]
 	if !ok {
 		return nil, fmt.Errorf("open %s: %w", dgst, store.ErrNotFound)
 	}

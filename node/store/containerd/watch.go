@@ -59,7 +59,7 @@ func (s *Store) watchOnce(ctx context.Context, ch chan<- store.Event) (bool, err
 	if err := s.rescan(sctx); err != nil {
 		return false, err
 	}
-	sent := s.currentView().keys
+	sent := s.currentView().Keys
 	if err := send(ctx, ch, store.Event{Kind: store.Snapshot, Keys: store.SortedKeys(sent)}); err != nil {
 		return false, err
 	}
@@ -123,7 +123,7 @@ func (s *Store) handle(ctx context.Context, env *events.Envelope) error {
 
 // sendDiff sends what changed since sent and returns the new sent set.
 func (s *Store) sendDiff(ctx context.Context, ch chan<- store.Event, sent map[string]struct{}) (map[string]struct{}, error) {
-	now := s.currentView().keys
+	now := s.currentView().Keys
 	added, removed := store.Diff(sent, now)
 	if len(added) > 0 {
 		if err := send(ctx, ch, store.Event{Kind: store.Added, Keys: added}); err != nil {

@@ -70,14 +70,8 @@ type Store struct {
 	log         *slog.Logger
 
 	mu    sync.RWMutex
-	view  *view
+	view  *store.View
 	stamp stamp
-}
-
-type view struct {
-	digests map[digest.Digest]ocispec.Descriptor
-	tags    map[string]digest.Digest
-	keys    map[string]struct{}
 }
 
 // stamp identifies a version of index.json.
@@ -105,29 +99,17 @@ func New(dir string, opts ...Option) (*Store, error) {
 
 // Resolve maps a tag reference to the digest index.json names for it.
 func (s *Store) Resolve(_ context.Context, ref string) (digest.Digest, error) {
-	tag, ok := store.TagKey(ref)
-	if !ok {
-		return "", fmt.Errorf("resolve %q: not a tag reference: %w", ref, store.ErrNotFound)
-	}
-	d, ok := s.current().tags[tag]
-	if !ok {
-		return "", fmt.Errorf("resolve %q: %w", ref, store.ErrNotFound)
-	}
-	return d, nil
+	return s.current().Resolve(ref)
 }
 
 // Stat describes content reachable from index.json.
 func (s *Store) Stat(_ context.Context, dgst digest.Digest) (ocispec.Descriptor, error) {
-	desc, ok := s.current().digests[dgst]
-	if !ok {
-		return ocispec.Descriptor{}, fmt.Errorf("stat %s: %w", dgst, store.ErrNotFound)
-	}
-	return desc, nil
+	return s.current().Stat(dgst)
 }
 
 // Open returns the blob file.
 func (s *Store) Open(_ context.Context, dgst digest.Digest) (io.ReadSeekCloser, error) {
-	if _, ok := s.current().digests[dgst]; !ok {
+	if _, ok := s.current().Digests[dgst]; !ok {
 		return nil, fmt.Errorf("open %s: %w", dgst, store.ErrNotFound)
 	}
 	p, err := s.blobPath(dgst)
@@ -147,7 +129,7 @@ func (s *Store) Open(_ context.Context, dgst digest.Digest) (io.ReadSeekCloser, 
 // Watch sends a Snapshot, then Added and Removed events when index.json
 // changes. It returns nil when ctx is done.
 func (s *Store) Watch(ctx context.Context, ch chan<- store.Event) error {
-	sent := s.current().keys
+	sent := s.current().Keys
 	if err := send(ctx, ch, store.Event{Kind: store.Snapshot, Keys: store.SortedKeys(sent)}); err != nil {
 		return nil
 	}
@@ -167,7 +149,7 @@ func (s *Store) Watch(ctx context.Context, ch chan<- store.Event) error {
 		if !changed {
 			continue
 		}
-		now := s.current().keys
+		now := s.current().Keys
 		added, removed := store.Diff(sent, now)
 		if len(added) > 0 {
 			if send(ctx, ch, store.Event{Kind: store.Added, Keys: added}) != nil {
@@ -192,7 +174,7 @@ func send(ctx context.Context, ch chan<- store.Event, ev store.Event) error {
 	}
 }
 
-func (s *Store) current() *view {
+func (s *Store) current() *store.View {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.view
@@ -237,35 +219,35 @@ func (s *Store) reload() (bool, error) {
 }
 
 // build walks every entry of index.json.
-func (s *Store) build(idx ocispec.Index) *view {
-	v := &view{digests: map[digest.Digest]ocispec.Descriptor{}, tags: map[string]digest.Digest{}, keys: map[string]struct{}{}}
+func (s *Store) build(idx ocispec.Index) *store.View {
+	v := &store.View{Digests: map[digest.Digest]ocispec.Descriptor{}, Tags: map[string]digest.Digest{}, Keys: map[string]struct{}{}}
 	for _, root := range idx.Manifests {
 		if !s.walk(root, v) {
 			continue
 		}
 		if tag, ok := s.tagOf(root); ok {
-			if _, taken := v.tags[tag]; !taken {
-				v.tags[tag] = root.Digest
+			if _, taken := v.Tags[tag]; !taken {
+				v.Tags[tag] = root.Digest
 			}
 		}
 	}
-	for d := range v.digests {
-		v.keys[d.String()] = struct{}{}
+	for d := range v.Digests {
+		v.Keys[d.String()] = struct{}{}
 	}
-	for t := range v.tags {
-		v.keys[t] = struct{}{}
+	for t := range v.Tags {
+		v.Keys[t] = struct{}{}
 	}
 	return v
 }
 
 // walk adds root and what it reaches to v; it reports whether root exists.
-func (s *Store) walk(root ocispec.Descriptor, v *view) bool {
+func (s *Store) walk(root ocispec.Descriptor, v *store.View) bool {
 	queue := []ocispec.Descriptor{root}
 	rootOK := false
 	for len(queue) > 0 {
 		d := queue[0]
 		queue = queue[1:]
-		if _, seen := v.digests[d.Digest]; seen {
+		if _, seen := v.Digests[d.Digest]; seen {
 			rootOK = rootOK || d.Digest == root.Digest
 			continue
 		}
@@ -278,7 +260,7 @@ func (s *Store) walk(root ocispec.Descriptor, v *view) bool {
 		if err != nil || !st.Mode().IsRegular() || (d.Size > 0 && st.Size() != d.Size) {
 			continue // missing content is fine: it is just not served
 		}
-		v.digests[d.Digest] = ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: st.Size()}
+		v.Digests[d.Digest] = ocispec.Descriptor{MediaType: d.MediaType, Digest: d.Digest, Size: st.Size()}
 		if d.Digest == root.Digest {
 			rootOK = true
 		}
@@ -287,7 +269,7 @@ func (s *Store) walk(root ocispec.Descriptor, v *view) bool {
 		}
 		kids, mt := s.children(p)
 		if d.MediaType == "" && mt != "" {
-			v.digests[d.Digest] = ocispec.Descriptor{MediaType: mt, Digest: d.Digest, Size: st.Size()}
+			v.Digests[d.Digest] = ocispec.Descriptor{MediaType: mt, Digest: d.Digest, Size: st.Size()}
 		}
 		queue = append(queue, kids...)
 	}

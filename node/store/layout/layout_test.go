@@ -87,7 +87,7 @@ func TestTagNames(t *testing.T) {
 				t.Fatal(err)
 			}
 			var tags []string
-			for k := range s.current().keys {
+			for k := range s.current().Keys {
 				if _, err := digest.Parse(k); err != nil {
 					tags = append(tags, k)
 				}
