@@ -12,8 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"reflect"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -28,7 +26,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
-	"github.com/sirupsen/logrus"
 
 	"github.com/shoal-oci/shoal/oci"
 	"github.com/shoal-oci/shoal/test/harness"
@@ -128,7 +125,7 @@ func startProxyTTL(b *testing.B, h *hub.Hub, ttl time.Duration) string {
 	if ttl > 0 {
 		dc.Proxy.TTL = &ttl
 	}
-	ctx, cancel := context.WithCancel(quietContext(context.Background()))
+	ctx, cancel := context.WithCancel(hub.QuietContext(context.Background()))
 	app := handlers.NewApp(ctx, dc)
 	srv := httptest.NewUnstartedServer(app)
 	srv.Config.BaseContext = func(net.Listener) context.Context { return ctx }
@@ -562,27 +559,4 @@ func mustDigest(b *testing.B, img v1.Image) v1.Hash {
 		b.Fatal(err)
 	}
 	return d
-}
-
-// quietContext hands distribution a discarding logger through its context
-// (it looks the logger up under an unexported key of internal/dcontext),
-// so the in-process proxy does not print every request.
-func quietContext(parent context.Context) context.Context {
-	l := logrus.New()
-	l.SetOutput(io.Discard)
-	l.SetLevel(logrus.PanicLevel)
-	return &quiet{Context: parent, entry: logrus.NewEntry(l)}
-}
-
-type quiet struct {
-	context.Context
-	entry *logrus.Entry
-}
-
-func (q *quiet) Value(key any) any {
-	if t := reflect.TypeOf(key); t != nil && t.Name() == "loggerKey" &&
-		strings.HasSuffix(t.PkgPath(), "/internal/dcontext") {
-		return q.entry
-	}
-	return q.Context.Value(key)
 }

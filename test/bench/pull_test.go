@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/shoal-oci/shoal/test/harness"
+	"github.com/shoal-oci/shoal/test/hub"
 )
 
 // startRegistry runs a plain distribution v3 registry (no auth, no limits,
@@ -32,7 +33,7 @@ func startRegistry(b *testing.B) string {
 		"filesystem":  configuration.Parameters{"rootdirectory": b.TempDir()},
 		"maintenance": configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
 	}
-	ctx, cancel := context.WithCancel(quietContext(context.Background()))
+	ctx, cancel := context.WithCancel(hub.QuietContext(context.Background()))
 	app := handlers.NewApp(ctx, dc)
 	srv := httptest.NewUnstartedServer(app)
 	srv.Config.BaseContext = func(net.Listener) context.Context { return ctx }

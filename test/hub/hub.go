@@ -166,7 +166,7 @@ func Start(t testing.TB, opts ...Option) *Hub {
 		"redirect":    configuration.Parameters{"disable": true},
 		"maintenance": configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
 	}
-	ctx, cancel := context.WithCancel(quietContext(context.Background()))
+	ctx, cancel := context.WithCancel(QuietContext(context.Background()))
 	app := handlers.NewApp(ctx, dc)
 
 	h := &Hub{

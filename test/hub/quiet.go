@@ -12,13 +12,13 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
-// quietContext returns a context that hands distribution a logger writing to
+// QuietContext returns a context that hands distribution a logger writing to
 // io.Discard. distribution looks its logger up in the context under an
 // unexported key type of its internal dcontext package and falls back to
 // logrus' process-wide logger, which would print every request (and every
 // 404 during a push). Answering that key here keeps the hub silent without
 // touching global logrus state.
-func quietContext(parent context.Context) context.Context {
+func QuietContext(parent context.Context) context.Context {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
 	l.SetLevel(logrus.PanicLevel)
