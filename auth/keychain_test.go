@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -306,7 +307,9 @@ func TestSecretsNeverPrinted(t *testing.T) {
 		t.Fatal(err)
 	}
 	tok := NewToken("tok-s3cr3t-value")
-	rt := tok.RoundTripper(nil)
+	// A transport of its own: fmt walks unexported fields by reflection, and
+	// walking http.DefaultTransport races with other tests' connections.
+	rt := tok.RoundTripper(&http.Transport{})
 	secrets := []string{hubPass, b64(hubUser + ":" + hubPass), "gh-s3cr3t", "quay-s3cr3t-token", "local-s3cr3t", "tok-s3cr3t-value"}
 
 	// unexported fields: fmt cannot call String on them and falls back to
