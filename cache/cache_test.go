@@ -56,7 +56,15 @@ func newFixture(t *testing.T, hubOpts []hub.Option, mutate func(*cache.Config)) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	drv, err := cache.NewDriver(context.Background(), "filesystem", map[string]any{"rootdirectory": t.TempDir()})
+	storageDir := t.TempDir()
+	// Commits finish after the client's last byte: wait for them before the
+	// storage directory is removed (cleanups run last-in, first-out).
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = fl.Drain(ctx)
+	})
+	drv, err := cache.NewDriver(context.Background(), "filesystem", map[string]any{"rootdirectory": storageDir})
 	if err != nil {
 		t.Fatal(err)
 	}
