@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +16,6 @@ import (
 	"time"
 
 	"github.com/distribution/distribution/v3/configuration"
-	"github.com/distribution/distribution/v3/registry/handlers"
 	_ "github.com/distribution/distribution/v3/registry/storage/driver/filesystem" // registers the "filesystem" driver
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -110,33 +107,11 @@ func startProxy(b *testing.B, h *hub.Hub) string {
 
 // startProxyTTL is startProxy with the proxy's content TTL set (0: its default).
 func startProxyTTL(b *testing.B, h *hub.Hub, ttl time.Duration) string {
-	b.Helper()
-	dc := &configuration.Configuration{}
-	dc.Log.Level = "error"
-	dc.Log.AccessLog.Disabled = true
-	dc.HTTP.Secret = "bench-secret"
-	// Filesystem, like shoal cache's default: the inmemory driver copies
-	// its buffer on every write and would make the proxy look slower than it is.
-	dc.Storage = configuration.Storage{
-		"filesystem":  configuration.Parameters{"rootdirectory": b.TempDir()},
-		"maintenance": configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
-	}
-	dc.Proxy = configuration.Proxy{RemoteURL: h.URL()}
+	p := &configuration.Proxy{RemoteURL: h.URL()}
 	if ttl > 0 {
-		dc.Proxy.TTL = &ttl
+		p.TTL = &ttl
 	}
-	ctx, cancel := context.WithCancel(hub.QuietContext(context.Background()))
-	app := handlers.NewApp(ctx, dc)
-	srv := httptest.NewUnstartedServer(app)
-	srv.Config.BaseContext = func(net.Listener) context.Context { return ctx }
-	srv.Start()
-	b.Cleanup(func() {
-		srv.CloseClientConnections()
-		srv.Close()
-		_ = app.Shutdown()
-		cancel()
-	})
-	return srv.URL
+	return startDistribution(b, p)
 }
 
 // rawImage is a linux/amd64 image with one uncompressed layer of size random

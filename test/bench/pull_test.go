@@ -23,15 +23,24 @@ import (
 // startRegistry runs a plain distribution v3 registry (no auth, no limits,
 // filesystem storage) in process: the stand-in for a registry that a direct
 // pull goes to.
-func startRegistry(b *testing.B) string {
+func startRegistry(b *testing.B) string { return startDistribution(b, nil) }
+
+// startDistribution runs distribution v3 in process on loopback, with
+// filesystem storage and, when proxy is set, in proxy (pull-through) mode.
+func startDistribution(b *testing.B, proxy *configuration.Proxy) string {
 	b.Helper()
 	dc := &configuration.Configuration{}
 	dc.Log.Level = "error"
 	dc.Log.AccessLog.Disabled = true
 	dc.HTTP.Secret = "bench-secret"
+	// Filesystem, like shoal cache's default: the inmemory driver copies its
+	// buffer on every write and would make the proxy look slower than it is.
 	dc.Storage = configuration.Storage{
 		"filesystem":  configuration.Parameters{"rootdirectory": b.TempDir()},
 		"maintenance": configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}},
+	}
+	if proxy != nil {
+		dc.Proxy = *proxy
 	}
 	ctx, cancel := context.WithCancel(hub.QuietContext(context.Background()))
 	app := handlers.NewApp(ctx, dc)
