@@ -74,8 +74,10 @@ func writeHosts(b *testing.B, certsDir, mirror string) {
 // (3 layers of 16 MiB; SHOAL_BENCH_PULL_LAYER_MIB) by containerd C, in
 // interleaved rounds: through C's own shoal node, which finds the image on
 // peer node A (an OCI layout), against directly from a plain distribution
-// registry that holds the same image. Before each pull the image and its
-// content are deleted, so every pull is cold. Target: peer no slower.
+// registry that holds the same image, and against directly from the tests'
+// Docker-Hub-like stand-in (test/hub: token auth, rate-limit headers). Before
+// each pull the image and its content are deleted, so every pull is cold.
+// Target: peer no slower.
 func BenchmarkCtrPull(b *testing.B) {
 	if !onlyOnce(b) {
 		return
@@ -105,6 +107,11 @@ func BenchmarkCtrPull(b *testing.B) {
 	if err := remote.Write(dst, img); err != nil {
 		b.Fatalf("push to the registry stand-in: %v", err)
 	}
+
+	// The Docker-Hub-like stand-in of the tests: a distribution registry
+	// behind token auth and rate-limit headers (anonymous, unlimited).
+	h := hub.Start(b, hub.WithAnonymousLimit(hub.Unlimited))
+	h.Push(b, "library/benchpull", "v1", img)
 
 	cold := func() {
 		_, _ = ctrd.CtrErr("images", "rm", "--sync", ref)
@@ -141,7 +148,7 @@ func BenchmarkCtrPull(b *testing.B) {
 		}
 		return nil
 	})
-	for _, m := range []string{c.URL(), reg} {
+	for _, m := range []string{c.URL(), reg, h.URL()} {
 		if _, err := timed(m)(); err != nil {
 			b.Fatal(err)
 		}
@@ -151,10 +158,13 @@ func BenchmarkCtrPull(b *testing.B) {
 	meds := sideBySide(b, rounds(), "s",
 		contender{"via-peer", timed(c.URL())},
 		contender{"direct", timed(reg)},
+		contender{"direct-hub", timed(h.URL())},
 	)
 	if got := c.Metric(b, "shoal_node_served_bytes_total", `source="peer"`) - peerBefore; got < float64(total)*float64(rounds()) {
 		b.Fatalf("node C served %v bytes from peers over %d pulls of %d bytes of layers: the pulls did not go through the peer", got, rounds(), total)
 	}
 	ratio := meds[0] / meds[1]
 	result(b, "node/ctr-pull-peer-vs-direct", fmt.Sprintf("via-peer=%.3fs direct=%.3fs", meds[0], meds[1]), ratio, "<= 1.0 (peer time / direct time)", ratio <= 1.0)
+	hr := meds[0] / meds[2]
+	result(b, "node/ctr-pull-peer-vs-hub", fmt.Sprintf("via-peer=%.3fs direct-from-hub-stand-in=%.3fs", meds[0], meds[2]), hr, "<= 1.0 (peer time / Docker-Hub-like stand-in time, token auth)", hr <= 1.0)
 }
