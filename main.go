@@ -7,6 +7,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -299,6 +301,7 @@ func runNode(args []string, stderr io.Writer) error {
 		dataDir      = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
 		cacheURL     = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
 		cacheToken   = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
+		cacheCA      = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
 		zone         = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
 		pskFile      = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join")
 		providerTTL  = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
@@ -345,12 +348,8 @@ func runNode(args []string, stderr io.Writer) error {
 		Logger: log.With("component", "node"), Registerer: reg,
 		Registries: registries,
 	}
-	if *cacheToken != "" {
-		tok, err := auth.LoadToken(*cacheToken)
-		if err != nil {
-			return fmt.Errorf("--cache-token-file: %w", err)
-		}
-		cfg.CacheTransport = tok.RoundTripper(http.DefaultTransport.(*http.Transport).Clone())
+	if cfg.CacheTransport, err = cacheTransport(*cacheCA, *cacheToken); err != nil {
+		return err
 	}
 	var router *dht.Router
 	if *routerAddr != "" {
@@ -391,6 +390,39 @@ func runNode(args []string, stderr io.Writer) error {
 	}
 	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "cache", *cacheURL != "")
 	return runDaemon(ctx, stop, log, *grace, *registryAddr, *metricsAddr, nd, reg, ready, runErr)
+}
+
+// cacheTransport carries the node's requests to the cache tier: no HTTP
+// proxy (it is a cluster-internal hop), short dial and header timeouts, the
+// given CAs for https, and the client token. Nil means the node's default.
+func cacheTransport(caFile, tokenFile string) (http.RoundTripper, error) {
+	if caFile == "" && tokenFile == "" {
+		return nil, nil
+	}
+	tr := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   5 * time.Second,
+		ResponseHeaderTimeout: 10 * time.Second,
+		DisableCompression:    true,
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--cache-ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--cache-ca-file %s: no PEM certificates", caFile)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	tok, err := auth.LoadToken(tokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("--cache-token-file: %w", err)
+	}
+	return tok.RoundTripper(tr), nil
 }
 
 func runConfigure(args []string, stderr io.Writer) error {

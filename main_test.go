@@ -2,8 +2,14 @@ package main
 
 import (
 	"bytes"
+	"encoding/pem"
 	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -80,5 +86,50 @@ func TestUnknownCommand(t *testing.T) {
 	out.Reset()
 	if err := run([]string{"version"}, &out, &out); err != nil || !strings.HasPrefix(out.String(), "shoal ") {
 		t.Fatalf("version: %v %q", err, out.String())
+	}
+}
+
+func TestCacheTransportTrustsTheGivenCAAndSendsTheToken(t *testing.T) {
+	var gotAuth atomic.Value
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gotAuth.Store(r.Header.Get("Authorization"))
+	}))
+	defer srv.Close()
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tok := filepath.Join(dir, "token")
+	if err := os.WriteFile(tok, []byte("node-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	rt, err := cacheTransport(ca, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := (&http.Client{Transport: rt}).Get(srv.URL + "/v2/")
+	if err != nil {
+		t.Fatalf("https with the given CA: %v", err)
+	}
+	resp.Body.Close()
+	if got, _ := gotAuth.Load().(string); got != "Bearer node-token" {
+		t.Fatalf("Authorization = %q", got)
+	}
+
+	// Without the CA the same server is not trusted.
+	rt, err = cacheTransport("", tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (&http.Client{Transport: rt}).Get(srv.URL + "/v2/"); err == nil {
+		t.Fatal("a server signed by an unknown CA was trusted")
+	}
+	if _, err := cacheTransport(tok, ""); err == nil {
+		t.Fatal("a file with no PEM certificates was accepted as a CA bundle")
+	}
+	if rt, err := cacheTransport("", ""); rt != nil || err != nil {
+		t.Fatalf("no CA and no token: want the node's default transport, got %v %v", rt, err)
 	}
 }
