@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -102,21 +101,11 @@ func TestDashboardsUseExportedMetrics(t *testing.T) {
 	h := hub.Start(t)
 	h.Push(t, "library/alpine", "3.20", hub.Image(t, 2048, 2))
 
-	cacheAddr := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	cacheMetrics := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	start(t, bin, "cache",
-		"--addr="+cacheAddr, "--metrics-addr="+cacheMetrics, "--data-dir="+t.TempDir(),
-		"--upstream=docker.io="+h.URL(), "--tag-freshness=1s", "--upstream-timeout=2s", "--log-level=warn")
-	nodeAddr := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	nodeMetrics := fmt.Sprintf("127.0.0.1:%d", harness.FreePort(t))
-	start(t, bin, "node",
-		"--containerd-sock="+ctrd.Socket, "--containerd-namespace="+harness.ContainerdNamespace,
-		"--containerd-config="+ctrd.ConfigPath,
-		"--registry-addr="+nodeAddr, "--metrics-addr="+nodeMetrics,
-		fmt.Sprintf("--router-addr=127.0.0.1:%d", harness.FreePort(t)), "--data-dir="+t.TempDir(),
-		"--cache-url=http://"+cacheAddr, "--log-level=warn")
-	waitOK(t, "http://"+cacheMetrics+"/healthz")
-	waitOK(t, "http://"+nodeMetrics+"/healthz")
+	cache := harness.StartShoalCache(t, harness.CacheOptions{Bin: bin, Upstreams: []string{"docker.io=" + h.URL()},
+		Args: []string{"--tag-freshness=1s", "--upstream-timeout=2s", "--log-level=warn"}})
+	node := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Containerd: ctrd,
+		Args: []string{"--cache-url=" + cache.URL(), "--log-level=warn"}})
+	nodeAddr, cacheAddr := node.RegistryAddr, cache.Addr
 
 	// A cold pull through the node: tag and manifest via the cache tier,
 	// then every blob.
@@ -138,7 +127,7 @@ func TestDashboardsUseExportedMetrics(t *testing.T) {
 	h.SetOutage(false)
 
 	have := map[string]bool{}
-	for _, u := range []string{"http://" + nodeMetrics + "/metrics", "http://" + cacheMetrics + "/metrics"} {
+	for _, u := range []string{"http://" + node.MetricsAddr + "/metrics", "http://" + cache.MetricsAddr + "/metrics"} {
 		scrape(t, u, have)
 	}
 	var missing []string
@@ -161,59 +150,11 @@ func digests(ls []struct{ Digest string }) []string {
 	return out
 }
 
-// start runs `shoal <args>` until the end of the test.
-func start(t *testing.T, bin string, args ...string) {
-	t.Helper()
-	cmd := exec.Command(bin, args...)
-	logf, err := os.Create(filepath.Join(t.TempDir(), args[0]+".log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start shoal %s: %v", args[0], err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("shoal %s log:\n%s", args[0], tail(string(b), 3000))
-		}
-		logf.Close()
-	})
-}
-
 func tail(s string, n int) string {
 	if len(s) > n {
 		return s[len(s)-n:]
 	}
 	return s
-}
-
-func waitOK(t *testing.T, url string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not OK after 20s (last error %v)", url, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 func get(t *testing.T, url string, status int) []byte {
