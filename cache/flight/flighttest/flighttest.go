@@ -149,14 +149,7 @@ func Conformance(t *testing.T, newFlight func(t *testing.T) Flight) {
 		f, store, key := newFlight(t), NewStore(), "sha256:stream"
 		src := Source(t, 64<<10)
 		release := make(chan struct{})
-		job := store.Job(key, func(ctx context.Context, w io.Writer) error {
-			if _, err := w.Write(src[:1024]); err != nil {
-				return err
-			}
-			<-release
-			_, err := w.Write(src[1024:])
-			return err
-		})
+		job := store.Job(key, gated(src, release, nil))
 		res, err := f.Do(t.Context(), key, job)
 		if err != nil {
 			close(release)
@@ -192,13 +185,7 @@ func Conformance(t *testing.T, newFlight func(t *testing.T) Flight) {
 		src := Source(t, 8<<10)
 		boom := errors.New("digest mismatch")
 		release := make(chan struct{})
-		job := store.Job(key, func(ctx context.Context, w io.Writer) error {
-			if _, err := w.Write(src[:1024]); err != nil {
-				return err
-			}
-			<-release
-			return boom
-		})
+		job := store.Job(key, gated(src, release, boom))
 		var bodies []io.ReadCloser
 		for range 2 {
 			res, err := f.Do(t.Context(), key, job)
@@ -240,14 +227,7 @@ func Conformance(t *testing.T, newFlight func(t *testing.T) Flight) {
 		f, store, key := newFlight(t), NewStore(), "sha256:cancel"
 		src := Source(t, 32<<10)
 		release := make(chan struct{})
-		job := store.Job(key, func(ctx context.Context, w io.Writer) error {
-			if _, err := w.Write(src[:1024]); err != nil {
-				return err
-			}
-			<-release
-			_, err := w.Write(src[1024:])
-			return err
-		})
+		job := store.Job(key, gated(src, release, nil))
 		ctxA, cancelA := context.WithCancel(t.Context())
 		a, err := f.Do(ctxA, key, job)
 		if err != nil {
@@ -300,6 +280,22 @@ func Conformance(t *testing.T, newFlight func(t *testing.T) Flight) {
 		close(release)
 		waitCommitted(t, store, key, src)
 	})
+}
+
+// gated is a fetch that writes the first KiB of src, waits for release, and
+// then writes the rest, or fails with fail if it is not nil.
+func gated(src []byte, release <-chan struct{}, fail error) func(context.Context, io.Writer) error {
+	return func(ctx context.Context, w io.Writer) error {
+		if _, err := w.Write(src[:1024]); err != nil {
+			return err
+		}
+		<-release
+		if fail != nil {
+			return fail
+		}
+		_, err := w.Write(src[1024:])
+		return err
+	}
 }
 
 func writeChunks(w io.Writer, b []byte, size int) error {
