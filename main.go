@@ -131,6 +131,12 @@ func envName(flagName string) string {
 	return "SHOAL_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
+// daemonFlags defines the flags every long-running command shares.
+func (f *flags) daemonFlags() (grace *time.Duration, logLevel *string) {
+	return f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown"),
+		f.String("log-level", "info", "debug, info, warn or error")
+}
+
 // parse applies environment twins, then the command line.
 func (f *flags) parse(args []string) error {
 	var err error
@@ -288,29 +294,28 @@ func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
 func runNode(args []string, stderr io.Writer) error {
 	f := newFlags("node", "Run the per-node mirror: serve what this node's containerd holds, find the rest on peers through the DHT, and forward cluster-wide misses to the cache tier.", stderr)
 	var (
-		sock         = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
-		namespace    = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
-		contentDir   = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
-		ctrdConfig   = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
-		ctrdPoll     = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
-		layoutDir    = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
-		registryAddr = f.String("registry-addr", ":5000", "address of the registry (mirror) HTTP server")
-		advertise    = f.String("advertise-addr", "", "host:port peers use to reach this node's registry (default: the registry port on the node's DHT address)")
-		routerAddr   = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
-		metricsAddr  = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir      = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
-		cacheURL     = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
-		cacheToken   = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
-		cacheCA      = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
-		zone         = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
-		pskFile      = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join")
-		providerTTL  = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
-		hedge        = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
-		verifyBlobs  = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
-		grace        = f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown")
-		logLevel     = f.String("log-level", "info", "debug, info, warn or error")
-		bootstrap    listFlag
-		registries   listFlag
+		sock            = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+		namespace       = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
+		contentDir      = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
+		ctrdConfig      = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
+		ctrdPoll        = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
+		layoutDir       = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
+		registryAddr    = f.String("registry-addr", ":5000", "address of the registry (mirror) HTTP server")
+		advertise       = f.String("advertise-addr", "", "host:port peers use to reach this node's registry (default: the registry port on the node's DHT address)")
+		routerAddr      = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
+		metricsAddr     = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir         = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
+		cacheURL        = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
+		cacheToken      = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
+		cacheCA         = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
+		zone            = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
+		pskFile         = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join")
+		providerTTL     = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
+		hedge           = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
+		verifyBlobs     = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
+		grace, logLevel = f.daemonFlags()
+		bootstrap       listFlag
+		registries      listFlag
 	)
 	f.Var(&bootstrap, "bootstrap-peers", "peers to join: multiaddrs (with or without /p2p/<id>), host:port, or DNS names such as a headless Service (re-resolved periodically); repeatable or comma-separated")
 	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others are refused (default: docker.io, ghcr.io, quay.io, registry.k8s.io, gcr.io)")
@@ -473,22 +478,21 @@ var defaultUpstreams = []string{"docker.io", "ghcr.io", "quay.io", "registry.k8s
 func runCache(args []string, stderr io.Writer) error {
 	f := newFlags("cache", "Run the shared pull-through cache: fetch each digest from upstream once, revalidate tags with free HEAD requests, keep within the Docker Hub budget, and serve stale content when upstream is limited or down.", stderr)
 	var (
-		addr        = f.String("addr", ":5000", "address of the registry HTTP server")
-		metricsAddr = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir     = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
-		storageName = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
-		configFile  = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
-		credsFile   = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
-		redisURL    = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
-		freshness   = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD")
-		reserve     = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
-		maxSize     = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
-		tokenFile   = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
-		upTimeout   = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
-		grace       = f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown")
-		logLevel    = f.String("log-level", "info", "debug, info, warn or error")
-		upstreams   listFlag
-		storageOpts listFlag
+		addr            = f.String("addr", ":5000", "address of the registry HTTP server")
+		metricsAddr     = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir         = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
+		storageName     = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
+		configFile      = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
+		credsFile       = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
+		redisURL        = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
+		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD")
+		reserve         = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
+		maxSize         = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		tokenFile       = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
+		upTimeout       = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
+		grace, logLevel = f.daemonFlags()
+		upstreams       listFlag
+		storageOpts     listFlag
 	)
 	f.Var(&upstreams, "upstream", "an upstream registry as host=endpoint (docker.io=https://registry-1.docker.io); repeatable; a bare host means https://host")
 	f.Var(&storageOpts, "storage-opt", "a storage driver parameter as key=value (bucket=..., region=...); repeatable")
