@@ -219,6 +219,71 @@ func withOps(h http.Handler, ops http.Handler) http.Handler {
 	})
 }
 
+// recoverPanics turns a panic in h into an error log line, a count and a
+// 500 (when nothing was written yet). http.ErrAbortHandler, the deliberate
+// way to cut a response short, passes through untouched.
+func recoverPanics(h http.Handler, log *slog.Logger, panics prometheus.Counter) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw := &startWriter{ResponseWriter: w}
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v == http.ErrAbortHandler {
+				panic(v)
+			}
+			panics.Inc()
+			log.ErrorContext(r.Context(), "panic serving request", "method", r.Method, "path", r.URL.Path,
+				"panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			if sw.started {
+				panic(http.ErrAbortHandler) // cut the response: never a complete-looking body
+			}
+			oci.WriteError(w, r, oci.Errorf(http.StatusInternalServerError, oci.CodeUnavailable, "internal error"))
+		}()
+		h.ServeHTTP(sw, r)
+	})
+}
+
+// startWriter records whether a response has started. It keeps the
+// underlying writer's ReadFrom (sendfile, splice) and Flush.
+type startWriter struct {
+	http.ResponseWriter
+	started bool
+}
+
+func (w *startWriter) WriteHeader(code int) {
+	if code >= 200 {
+		w.started = true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *startWriter) Write(p []byte) (int, error) {
+	w.started = true
+	return w.ResponseWriter.Write(p)
+}
+
+// ReadFrom lets io.Copy reach the server's own ReadFrom (sendfile, splice).
+func (w *startWriter) ReadFrom(r io.Reader) (int64, error) {
+	w.started = true
+	if rf, ok := w.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{w.ResponseWriter}, r)
+}
+
+// Flush implements http.Flusher.
+func (w *startWriter) Flush() {
+	w.started = true
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (w *startWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // serve runs servers until ctx ends, then shuts them down gracefully: it
 // stops accepting, and lets in-flight responses finish within grace.
 func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers ...*http.Server) error {
@@ -268,7 +333,13 @@ func startDaemon(stderr io.Writer, level string) (*slog.Logger, context.Context,
 func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, grace time.Duration, addr, metricsAddr string,
 	h http.Handler, reg *prometheus.Registry, ready func() error, runErr <-chan error) error {
 	ops := opsHandler(reg, ready)
-	servers := []*http.Server{newServer(addr, withOps(h, ops), log)}
+	panics := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "shoal_panics_total", Help: "Panics recovered while serving a request (each one is logged at error level).",
+	})
+	if err := reg.Register(panics); err != nil {
+		return fmt.Errorf("register metrics: %w", err)
+	}
+	servers := []*http.Server{newServer(addr, withOps(recoverPanics(h, log, panics), ops), log)}
 	if metricsAddr != "" {
 		servers = append(servers, newServer(metricsAddr, ops, log))
 	}
@@ -485,11 +556,12 @@ func runCache(args []string, stderr io.Writer) error {
 		configFile      = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
 		credsFile       = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
 		redisURL        = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
-		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD")
+		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
 		reserve         = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
 		maxSize         = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
 		tokenFile       = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
 		upTimeout       = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
+		upIdle          = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
 		grace, logLevel = f.daemonFlags()
 		upstreams       listFlag
 		storageOpts     listFlag
@@ -498,6 +570,9 @@ func runCache(args []string, stderr io.Writer) error {
 	f.Var(&storageOpts, "storage-opt", "a storage driver parameter as key=value (bucket=..., region=...); repeatable")
 	if err := f.parse(args); err != nil {
 		return err
+	}
+	if *freshness < 0 {
+		return fmt.Errorf("--tag-freshness %s: must be 0 or more", *freshness)
 	}
 	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
 	if err != nil {
@@ -626,7 +701,7 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	c, err := cache.New(ctx, cache.Config{
 		Driver: driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
-		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, MaxSize: limit,
+		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,
 		Logger: log.With("component", "cache"), Registerer: reg,
 	})
 	if err != nil {

@@ -52,13 +52,19 @@ type Config struct {
 	// Registries lists the upstream registries served, by host ("docker.io").
 	// A request for any other ?ns= gets 404 NAME_UNKNOWN.
 	Registries []string
-	// TagFreshness is how long a tag is served without asking upstream. Default 5m.
+	// TagFreshness is how long a tag is served without asking upstream.
+	// 0 revalidates on every pull (a free HEAD each time); `shoal cache`
+	// defaults it to 5m. Negative values count as 0.
 	TagFreshness time.Duration
 	// TagFreshnessBy overrides TagFreshness per registry.
 	TagFreshnessBy map[string]time.Duration
 	// UpstreamTimeout bounds a revalidation or a manifest fetch: past it, a
 	// cached tag is served stale. Default 5s.
 	UpstreamTimeout time.Duration
+	// UpstreamIdleTimeout fails a blob fetch whose upstream body sends
+	// nothing for this long, so a stalled upstream does not hold the flight
+	// and its waiters. Default 30s.
+	UpstreamIdleTimeout time.Duration
 	// MaxSize bounds the stored blobs in bytes; 0 means unbounded.
 	MaxSize int64
 	// EvictInterval is how often the size bound is enforced. Default 1m.
@@ -86,11 +92,11 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 	if cfg.Driver == nil || cfg.Upstream == nil || cfg.Flight == nil {
 		return nil, errors.New("cache: Driver, Upstream and Flight are required")
 	}
-	if cfg.TagFreshness <= 0 {
-		cfg.TagFreshness = 5 * time.Minute
-	}
 	if cfg.UpstreamTimeout <= 0 {
 		cfg.UpstreamTimeout = 5 * time.Second
+	}
+	if cfg.UpstreamIdleTimeout <= 0 {
+		cfg.UpstreamIdleTimeout = 30 * time.Second
 	}
 	if cfg.EvictInterval <= 0 {
 		cfg.EvictInterval = time.Minute

@@ -369,10 +369,11 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 	}
 	job := flight.Job{
 		Fetch: func(ctx context.Context, w io.Writer) error {
-			body, size, err := c.cfg.Upstream.GetBlob(ctx, q.Registry, q.repo, q.Digest, 0)
+			rc, size, err := c.cfg.Upstream.GetBlob(ctx, q.Registry, q.repo, q.Digest, 0)
 			if err != nil {
 				return err
 			}
+			body := oci.NewIdleReader(rc, c.cfg.UpstreamIdleTimeout)
 			defer body.Close()
 			setSize(w, size)
 			vr, err := oci.NewVerifyingReader(body, q.Digest, size)
@@ -421,7 +422,10 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 
 // sizer is the flight body's view of the total size the fetch announced.
 type sizer interface {
+	// Size is the size announced before the first byte, or -1.
 	Size(ctx context.Context) (int64, error)
+	// FinalSize waits, when no size was announced, for the fetch to end.
+	FinalSize(ctx context.Context) (int64, error)
 }
 
 // streamBlob writes a blob from a flight in progress. The size comes from
@@ -435,6 +439,18 @@ func (c *Cache) streamBlob(w http.ResponseWriter, r *http.Request, q req, body i
 	size, err := sz.Size(ctx)
 	if err != nil {
 		return c.upstreamError(err, "blob "+q.Digest.String())
+	}
+	if size < 0 {
+		// The upstream sent no length (chunked, as Artifactory, Nexus and
+		// many proxies do). A whole GET streams without Content-Length; a
+		// Range or a HEAD needs the size, which only the end of the fetch
+		// tells.
+		if r.Header.Get("Range") == "" && !q.head {
+			return c.streamUnsized(w, r, q, body)
+		}
+		if size, err = sz.FinalSize(ctx); err != nil {
+			return c.upstreamError(err, "blob "+q.Digest.String())
+		}
 	}
 	br, ranged, err := oci.ParseRange(r.Header.Get("Range"), size)
 	if err != nil {
@@ -488,6 +504,65 @@ func (c *Cache) streamBlob(w http.ResponseWriter, r *http.Request, q req, body i
 		// Headers are out: cut the connection so the client sees a failure,
 		// never a short or unverified body that looks complete.
 		c.cfg.Logger.WarnContext(ctx, "blob stream aborted", "digest", q.Digest, "written", written, "of", length, "err", err)
+		panic(http.ErrAbortHandler)
+	}
+	return nil
+}
+
+// streamUnsized writes a whole blob of unknown size from a flight in
+// progress, without Content-Length. As in streamBlob, the last byte waits
+// for the fetch's verdict, so a client never sees a complete body of bad
+// bytes: one byte is always held back until the flight ends.
+func (c *Cache) streamUnsized(w http.ResponseWriter, r *http.Request, q req, body io.Reader) error {
+	ctx := r.Context()
+	buf := make([]byte, 32<<10)
+	n, rerr := io.ReadAtLeast(body, buf, 1)
+	if rerr != nil && !errors.Is(rerr, io.EOF) {
+		return c.upstreamError(rerr, "blob "+q.Digest.String())
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", q.Digest.String())
+	h.Set("Etag", `"`+q.Digest.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	w.WriteHeader(http.StatusOK)
+	var written int64
+	var err error
+	held := -1 // the byte held back, -1 for none
+	for n > 0 {
+		if held >= 0 {
+			if _, err = w.Write([]byte{byte(held)}); err != nil {
+				break
+			}
+			written++
+		}
+		held = int(buf[n-1])
+		if n > 1 {
+			var k int
+			k, err = w.Write(buf[:n-1])
+			written += int64(k)
+			if err != nil {
+				break
+			}
+		}
+		n, err = body.Read(buf)
+		if errors.Is(err, io.EOF) {
+			err = nil
+			if n == 0 {
+				break
+			}
+		} else if err != nil {
+			break
+		}
+	}
+	if err == nil && held >= 0 {
+		var k int
+		k, err = w.Write([]byte{byte(held)})
+		written += int64(k)
+	}
+	c.metrics.served.Add(float64(written))
+	if err != nil {
+		c.cfg.Logger.WarnContext(ctx, "blob stream aborted", "digest", q.Digest, "written", written, "err", err)
 		panic(http.ErrAbortHandler)
 	}
 	return nil

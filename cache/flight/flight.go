@@ -40,7 +40,9 @@ type Result struct {
 	// The caller must close it. Its reads fail with the fetch's error if the
 	// fetch fails, or with the caller's ctx error if that ends first.
 	// It also has a method Size(ctx) (int64, error) that returns the total
-	// size Fetch announced by calling SetSize(int64) on its writer.
+	// size Fetch announced by calling SetSize(int64) on its writer (-1 when
+	// bytes came first), and FinalSize(ctx), which waits for the end of the
+	// fetch when no size was announced.
 	Body io.ReadCloser
 	// Elsewhere is true when another replica fetched and committed the
 	// content; read it from storage.

@@ -333,7 +333,13 @@ func (b *body) Read(p []byte) (int, error) {
 // the announcement, the first byte or the end of the fetch, whichever comes
 // first; it returns -1 if bytes arrive with no size announced, and the
 // fetch's error if it fails before either.
-func (b *body) Size(ctx context.Context) (int64, error) {
+func (b *body) Size(ctx context.Context) (int64, error) { return b.size(ctx, false) }
+
+// FinalSize is Size, except that when no size was announced it waits for
+// the end of the fetch and returns the number of bytes fetched.
+func (b *body) FinalSize(ctx context.Context) (int64, error) { return b.size(ctx, true) }
+
+func (b *body) size(ctx context.Context, toEnd bool) (int64, error) {
 	c := b.c
 	for {
 		c.mu.Lock()
@@ -346,7 +352,7 @@ func (b *body) Size(ctx context.Context) (int64, error) {
 			return 0, ferr
 		case done:
 			return size, nil
-		case size > 0:
+		case size > 0 && !toEnd:
 			return -1, nil
 		}
 		select {

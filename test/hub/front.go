@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -107,7 +108,10 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.blobGETs[dgst]++
 		bad := h.corrupt[dgst]
 		h.mu.Unlock()
-		h.app.ServeHTTP(throttled(w, r, h, bad), r)
+		fw := throttled(w, r, h, bad)
+		fw.blob(r)
+		h.app.ServeHTTP(fw, r)
+		fw.close()
 		return
 	}
 	h.app.ServeHTTP(throttled(w, r, h, false), r)
@@ -169,22 +173,74 @@ type faultWriter struct {
 	status  int
 	start   time.Time
 	written int64
+	// Blob GET switches (see blob).
+	chunked, gzip bool
+	stallAt       int64 // -1: never
+	gz            *gzip.Writer
 }
 
 func throttled(w http.ResponseWriter, r *http.Request, h *Hub, corrupt bool) *faultWriter {
-	return &faultWriter{ResponseWriter: w, ctx: r.Context(), hub: h, corrupt: corrupt}
+	return &faultWriter{ResponseWriter: w, ctx: r.Context(), hub: h, corrupt: corrupt, stallAt: -1}
+}
+
+// blob arms the blob-GET switches: chunked, gzip and stall.
+func (f *faultWriter) blob(r *http.Request) {
+	f.chunked = f.hub.chunked.Load()
+	f.gzip = f.hub.gzipped.Load() && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip")
+	f.stallAt = f.hub.stall.Load()
 }
 
 func (f *faultWriter) WriteHeader(status int) {
 	if f.status == 0 {
 		f.status = status
 	}
+	if status == http.StatusOK || status == http.StatusPartialContent {
+		if f.chunked || f.gzip {
+			f.Header().Del("Content-Length")
+		}
+		if f.gzip {
+			f.Header().Set("Content-Encoding", "gzip")
+			f.gz = gzip.NewWriter(writerFunc(f.write))
+		}
+	}
 	f.ResponseWriter.WriteHeader(status)
 }
 
+// close ends a gzip body.
+func (f *faultWriter) close() {
+	if f.gz != nil {
+		_ = f.gz.Close()
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (w writerFunc) Write(p []byte) (int, error) { return w(p) }
+
 func (f *faultWriter) Write(p []byte) (int, error) {
 	if f.status == 0 {
-		f.status = http.StatusOK
+		f.WriteHeader(http.StatusOK)
+	}
+	if f.gz != nil {
+		return f.gz.Write(p)
+	}
+	return f.write(p)
+}
+
+func (f *faultWriter) write(p []byte) (int, error) {
+	if f.stallAt >= 0 && (f.status == http.StatusOK || f.status == http.StatusPartialContent) {
+		if left := f.stallAt - f.written; int64(len(p)) > left {
+			m, _ := f.ResponseWriter.Write(p[:max(left, 0)])
+			f.written += int64(m)
+			f.Flush()
+			<-f.ctx.Done() // stall until the client gives up
+			return m, f.ctx.Err()
+		}
+	}
+	if f.chunked {
+		// Flush after every write so the server never buffers a whole
+		// small body and sends its length after all.
+		defer f.Flush()
 	}
 	if f.corrupt && (f.status == http.StatusOK || f.status == http.StatusPartialContent) {
 		q := make([]byte, len(p))
@@ -206,13 +262,13 @@ func (f *faultWriter) Write(p []byte) (int, error) {
 		if err != nil {
 			return n, err
 		}
+		f.written += int64(m)
 		if rate <= 0 {
 			continue
 		}
 		if f.start.IsZero() {
 			f.start = time.Now()
 		}
-		f.written += int64(m)
 		if fl, ok := f.ResponseWriter.(http.Flusher); ok {
 			fl.Flush()
 		}

@@ -131,6 +131,9 @@ type Hub struct {
 	drop      atomic.Bool
 	latency   atomic.Int64 // nanoseconds
 	bandwidth atomic.Int64 // bytes per second, 0 = unthrottled
+	chunked   atomic.Bool  // blob GETs without Content-Length
+	gzipped   atomic.Bool  // blob GETs gzip-encoded when the client accepts it
+	stall     atomic.Int64 // blob GETs stall after this many body bytes; -1 = never
 	counts    counters
 
 	mu           sync.Mutex
@@ -180,6 +183,7 @@ func Start(t testing.TB, opts ...Option) *Hub {
 		corrupt:      map[digest.Digest]bool{},
 		sawBasic:     map[string]bool{},
 	}
+	h.stall.Store(-1)
 	h.front = serve(ctx, h)
 	h.admin = serve(ctx, app)
 	h.realm = h.front.URL + "/token"
@@ -211,6 +215,18 @@ func (h *Hub) SetOutage(on bool) { h.outage.Store(on) }
 // SetDropConnections makes the hub close every connection without answering
 // while on, like a network failure.
 func (h *Hub) SetDropConnections(on bool) { h.drop.Store(on) }
+
+// SetChunkedBlobs makes blob GETs answer without Content-Length, in chunked
+// transfer encoding, as Artifactory, Nexus and many proxies do.
+func (h *Hub) SetChunkedBlobs(on bool) { h.chunked.Store(on) }
+
+// SetGzipBlobs makes blob GETs answer gzip-encoded (Content-Encoding: gzip,
+// no Content-Length) to clients that send Accept-Encoding: gzip.
+func (h *Hub) SetGzipBlobs(on bool) { h.gzipped.Store(on) }
+
+// SetStallBlobs makes blob GETs send their headers and the first n body
+// bytes, then nothing until the client goes away. n < 0 turns it off.
+func (h *Hub) SetStallBlobs(n int64) { h.stall.Store(n) }
 
 // SetLatency delays every request by d before any header is written.
 func (h *Hub) SetLatency(d time.Duration) { h.latency.Store(int64(d)) }

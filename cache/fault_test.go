@@ -1,0 +1,136 @@
+package cache_test
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/shoal-oci/shoal/cache"
+	"github.com/shoal-oci/shoal/test/hub"
+)
+
+// An upstream that streams blobs without Content-Length (chunked, or
+// gzip-encoded) is served whole, byte-identical, with one upstream GET per
+// blob however many clients ask at once, and Range requests still work.
+func TestUpstreamUnsizedBlob_ServedWholeAndOnce(t *testing.T) {
+	for _, mode := range []string{"chunked", "gzip"} {
+		t.Run(mode, func(t *testing.T) {
+			f := newFixture(t, nil, nil)
+			if mode == "chunked" {
+				f.hub.SetChunkedBlobs(true)
+			} else {
+				f.hub.SetGzipBlobs(true)
+			}
+			img := hub.Image(t, 300_000, 1)
+			f.hub.Push(t, "library/app", "v1", img)
+			layers, _ := img.Layers()
+			ld, _ := layers[0].Digest()
+			lb, _ := layers[0].Compressed()
+			want, _ := io.ReadAll(lb)
+
+			var wg sync.WaitGroup
+			errs := make(chan string, 8)
+			for range 8 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					resp, body := f.get(t, "GET", "/v2/library/app/blobs/"+ld.String())
+					if resp.StatusCode != 200 || !bytes.Equal(body, want) {
+						errs <- resp.Status
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for e := range errs {
+				t.Errorf("concurrent GET of an unsized upstream blob: %s", e)
+			}
+			if n := f.hub.BlobGETs(hub.DigestOf(ld)); n != 1 {
+				t.Errorf("upstream blob GETs = %d, want 1", n)
+			}
+			resp, body := f.get(t, "GET", "/v2/library/app/blobs/"+ld.String(), "Range", "bytes=100-199")
+			if resp.StatusCode != 206 || !bytes.Equal(body, want[100:200]) {
+				t.Errorf("Range after an unsized fetch: %d, %d bytes", resp.StatusCode, len(body))
+			}
+		})
+	}
+}
+
+// A Range request or a HEAD that arrives while an unsized fetch is still
+// running waits for its size, then gets the right answer.
+func TestUpstreamUnsizedBlob_RangeDuringFetch(t *testing.T) {
+	f := newFixture(t, nil, nil)
+	f.hub.SetChunkedBlobs(true)
+	f.hub.SetBandwidth(2 << 20)
+	img := hub.Image(t, 1<<20, 1)
+	f.hub.Push(t, "library/app", "v1", img)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	lb, _ := layers[0].Compressed()
+	want, _ := io.ReadAll(lb)
+	resp, body := f.get(t, "GET", "/v2/library/app/blobs/"+ld.String(), "Range", "bytes=1000-")
+	if resp.StatusCode != 206 || !bytes.Equal(body, want[1000:]) {
+		t.Fatalf("Range of a cold unsized blob: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if n := f.hub.BlobGETs(hub.DigestOf(ld)); n != 1 {
+		t.Errorf("upstream blob GETs = %d, want 1", n)
+	}
+}
+
+// --tag-freshness 0 means what it says: every pull revalidates with a free
+// HEAD, and during an outage the tag is served stale with a Warning.
+func TestTagFreshnessZero_RevalidatesEveryPull(t *testing.T) {
+	f := newFixture(t, nil, func(c *cache.Config) { c.TagFreshness = 0 })
+	img := hub.Image(t, 10_000, 1)
+	f.hub.Push(t, "library/app", "v1", img)
+	for i := range 3 {
+		resp, _ := f.get(t, "GET", "/v2/library/app/manifests/v1")
+		if resp.StatusCode != 200 {
+			t.Fatalf("pull %d: %d", i, resp.StatusCode)
+		}
+	}
+	if c := f.hub.Counts(); c.ManifestHEAD != 3 || c.ManifestGET != 1 {
+		t.Fatalf("3 pulls with freshness 0: %d HEADs, %d GETs upstream; want 3 and 1", c.ManifestHEAD, c.ManifestGET)
+	}
+	f.hub.SetOutage(true)
+	resp, _ := f.get(t, "GET", "/v2/library/app/manifests/v1")
+	if resp.StatusCode != 200 || resp.Header.Get("Warning") == "" {
+		t.Fatalf("pull during outage: %d, Warning %q; want 200 with a stale warning", resp.StatusCode, resp.Header.Get("Warning"))
+	}
+}
+
+// An upstream that sends headers and part of a blob, then stalls, fails the
+// fetch after the idle timeout instead of holding every waiter; the next
+// pull, with upstream healthy again, succeeds.
+func TestUpstreamStalledBody_FailsFastThenRecovers(t *testing.T) {
+	f := newFixture(t, nil, func(c *cache.Config) { c.UpstreamIdleTimeout = 300 * time.Millisecond })
+	img := hub.Image(t, 200_000, 1)
+	f.hub.Push(t, "library/app", "v1", img)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	lb, _ := layers[0].Compressed()
+	want, _ := io.ReadAll(lb)
+	f.hub.SetStallBlobs(50_000)
+
+	start := time.Now()
+	req, _ := http.NewRequest("GET", f.srv.URL+"/v2/library/app/blobs/"+ld.String()+"?ns="+f.ns, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil && resp.StatusCode == 200 {
+		t.Fatal("a stalled upstream body was delivered as complete")
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Fatalf("stalled fetch took %s to fail", d)
+	}
+	f.hub.SetStallBlobs(-1)
+	resp2, body := f.get(t, "GET", "/v2/library/app/blobs/"+ld.String())
+	if resp2.StatusCode != 200 || !bytes.Equal(body, want) {
+		t.Fatalf("pull after the stall: %d, %d bytes", resp2.StatusCode, len(body))
+	}
+}
