@@ -37,6 +37,7 @@ import (
 	"github.com/shoal-oci/shoal/auth"
 	"github.com/shoal-oci/shoal/cache"
 	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/cache/health"
 	"github.com/shoal-oci/shoal/node"
 	"github.com/shoal-oci/shoal/node/mirror"
 	"github.com/shoal-oci/shoal/node/routing/dht"
@@ -647,12 +648,27 @@ func runCache(args []string, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("--redis-url: %w", err)
 		}
+		// Every Redis call is bounded by its caller's context (a stopped
+		// Redis must cost a request a moment, not go-redis's retries).
+		opt.ContextTimeoutEnabled = true
+		if opt.MaxRetries == 0 {
+			opt.MaxRetries = 1
+		}
 		rdb = redis.NewClient(opt)
 		defer rdb.Close()
 	}
 	var state budget.State = budget.NewMemoryState()
+	var redisHealth *health.Watcher
 	if rdb != nil {
-		state = budget.NewRedisState(rdb, "shoal:budget:")
+		// A Redis outage degrades this replica to in-process leases and
+		// budget; it never makes the replica unready.
+		redisHealth, err = health.New("redis", func(ctx context.Context) error { return rdb.Ping(ctx).Err() },
+			time.Second, log.With("component", "redis"), reg)
+		if err != nil {
+			return err
+		}
+		go redisHealth.Run(ctx)
+		state = budget.NewFallbackState(budget.NewRedisState(rdb, "shoal:budget:"), state, redisHealth)
 	}
 	bud := budget.New(state, budget.WithReserve(*reserve), budget.WithLogger(log.With("component", "budget")))
 	if err := reg.Register(bud.Collector()); err != nil {
@@ -671,7 +687,7 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	var fl cache.Flight = local
 	if rdb != nil {
-		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")))
+		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")), flight.WithHealth(redisHealth))
 	}
 
 	driverName, params := *storageName, map[string]any{}
@@ -713,15 +729,11 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- c.Run(ctx) }()
+	// Ready means "can serve": the storage answers. Redis is not required.
 	ready := func() error {
-		if rdb != nil {
-			pctx, cancel := context.WithTimeout(ctx, time.Second)
-			defer cancel()
-			if err := rdb.Ping(pctx).Err(); err != nil {
-				return fmt.Errorf("redis: %w", err)
-			}
-		}
-		return nil
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		return c.Ready(pctx)
 	}
 	log.Info("shoal cache starting", "version", buildVersion(), "addr", *addr, "storage", driverName,
 		"upstreams", registries, "redis", rdb != nil, "client_token", !token.Empty())

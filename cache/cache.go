@@ -153,6 +153,18 @@ func (c *Cache) Run(ctx context.Context) error {
 	}
 }
 
+// Ready reports whether the cache can serve: its storage answers. Redis is
+// not consulted; without it a replica serves on in-process state.
+func (c *Cache) Ready(ctx context.Context) error {
+	if _, err := c.cfg.Driver.Stat(ctx, tagRoot); err != nil {
+		var nf storagedriver.PathNotFoundError
+		if !errors.As(err, &nf) {
+			return fmt.Errorf("storage: %w", err)
+		}
+	}
+	return nil
+}
+
 // Evict runs one eviction pass now (for tests and operators).
 func (c *Cache) Evict(ctx context.Context) error { return c.evict.run(ctx) }
 

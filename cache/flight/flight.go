@@ -63,6 +63,15 @@ type config struct {
 	pollMin  time.Duration
 	pollMax  time.Duration
 	prefix   string
+	health   Health
+}
+
+// Health says whether Redis is reachable now (*health.Watcher implements
+// it). While it is not, a Redis flight takes no lease and fetches as a
+// Local one would, instead of waiting on Redis timeouts for every key.
+type Health interface {
+	Up() bool
+	Report(err error)
 }
 
 func newConfig(opts []Option) config {
@@ -124,6 +133,12 @@ func WithPoll(min, max time.Duration) Option {
 			c.pollMin, c.pollMax = min, max
 		}
 	}
+}
+
+// WithHealth makes a Redis flight skip Redis while h says it is down, and
+// report the Redis errors it meets to h (NewRedis only).
+func WithHealth(h Health) Option {
+	return func(c *config) { c.health = h }
 }
 
 // WithKeyPrefix sets the prefix of lease keys in Redis (NewRedis only). The

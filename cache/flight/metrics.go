@@ -11,6 +11,7 @@ type metrics struct {
 	dedup     prometheus.Counter
 	waiters   prometheus.Gauge
 	takeovers prometheus.Counter
+	unleased  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -31,9 +32,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_flight_lease_takeovers_total",
 			Help: "Leases taken after another replica held them and did not commit.",
 		}),
+		unleased: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_flight_unleased_total",
+			Help: "Fetches started without a cross-replica lease because Redis was unreachable (degraded).",
+		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.fetches, m.dedup, m.waiters, m.takeovers} {
+		for _, c := range []prometheus.Collector{m.fetches, m.dedup, m.waiters, m.takeovers, m.unleased} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("register flight metrics: %w", err)
 			}

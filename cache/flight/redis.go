@@ -27,6 +27,10 @@ type Redis struct {
 	unlock *redis.Script
 }
 
+// redisCallTimeout bounds one Redis call: a Redis that hangs costs a fetch
+// a moment before it goes on without a lease.
+const redisCallTimeout = time.Second
+
 // NewRedis returns a Redis flight over local and client. Options:
 // WithLogger, WithLeaseTTL, WithPoll, WithKeyPrefix.
 func NewRedis(local *Local, client redis.UniversalClient, opts ...Option) *Redis {
@@ -65,11 +69,22 @@ func (r *Redis) lease(ctx context.Context, key string, job Job) (elsewhere bool,
 	token := hex.EncodeToString(tok)
 	delay, contended := r.cfg.pollMin, false
 	for {
-		ok, err := r.client.SetNX(ctx, lk, token, r.cfg.leaseTTL).Result()
+		if h := r.cfg.health; h != nil && !h.Up() {
+			r.local.m.unleased.Inc()
+			log.Debug("redis down: fetching without a lease")
+			return false, nil, nil
+		}
+		sctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
+		ok, err := r.client.SetNX(sctx, lk, token, r.cfg.leaseTTL).Result()
+		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return false, nil, fmt.Errorf("flight %s: lease: %w", key, ctx.Err())
 			}
+			if h := r.cfg.health; h != nil {
+				h.Report(err)
+			}
+			r.local.m.unleased.Inc()
 			log.Warn("flight lease unavailable, fetching without it", "err", err)
 			return false, nil, nil
 		}

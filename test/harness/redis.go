@@ -9,49 +9,110 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
 
-// StartRedis starts a private redis-server (SHOAL_REDIS_BIN, else
-// redis-server on PATH) on a random 127.0.0.1 port, with no persistence, and
-// returns its URL (redis://127.0.0.1:PORT/0). The server stops in t.Cleanup.
-func StartRedis(t testing.TB) string {
+// Redis is a private redis-server owned by one test, for fault injection:
+// Kill, Pause (SIGSTOP: the port accepts but nothing answers) and Restart
+// on the same port.
+type Redis struct {
+	URL  string // redis://127.0.0.1:PORT/0
+	Addr string
+	bin  string
+	dir  string
+	port int
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// StartRedis starts a private redis-server and returns its URL; see
+// StartRedisServer.
+func StartRedis(t testing.TB) string { return StartRedisServer(t).URL }
+
+// StartRedisServer starts a private redis-server (SHOAL_REDIS_BIN, else
+// redis-server on PATH) on a random 127.0.0.1 port, with no persistence.
+// The server stops in t.Cleanup.
+func StartRedisServer(t testing.TB) *Redis {
 	t.Helper()
-	bin := Binary(t, "SHOAL_REDIS_BIN", "redis-server")
-	dir := t.TempDir()
-	port := FreePort(t)
+	r := &Redis{bin: Binary(t, "SHOAL_REDIS_BIN", "redis-server"), dir: t.TempDir(), port: FreePort(t)}
+	r.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port))
+	r.URL = fmt.Sprintf("redis://%s/0", r.Addr)
+	t.Cleanup(r.Kill)
+	r.start(t)
+	return r
+}
+
+func (r *Redis) start(t testing.TB) {
+	t.Helper()
 	// Run in the foreground as our own child so Cleanup can stop exactly
 	// this process.
-	cmd := exec.Command(bin,
-		"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+	cmd := exec.Command(r.bin,
+		"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no",
-		"--logfile", filepath.Join(dir, "redis.log"), "--dir", dir)
+		"--logfile", filepath.Join(r.dir, "redis.log"), "--dir", r.dir)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start redis-server: %v", err)
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-done
-	})
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	r.mu.Lock()
+	r.cmd, r.done = cmd, done
+	r.mu.Unlock()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if err := redisPing(addr); err == nil {
-			return fmt.Sprintf("redis://%s/0", addr)
+		if err := redisPing(r.Addr); err == nil {
+			return
 		} else if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "redis.log"))
-			t.Fatalf("redis-server on %s not ready: %v\n%s", addr, err, log)
+			log, _ := os.ReadFile(filepath.Join(r.dir, "redis.log"))
+			t.Fatalf("redis-server on %s not ready: %v\n%s", r.Addr, err, log)
 		}
 		select {
 		case <-done:
-			log, _ := os.ReadFile(filepath.Join(dir, "redis.log"))
+			log, _ := os.ReadFile(filepath.Join(r.dir, "redis.log"))
 			t.Fatalf("redis-server exited early\n%s", log)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// Kill stops the server with SIGKILL and waits for it to exit.
+func (r *Redis) Kill() {
+	r.mu.Lock()
+	cmd, done := r.cmd, r.done
+	r.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGCONT)
+	_ = cmd.Process.Kill()
+	<-done
+}
+
+// Pause stops the server with SIGSTOP: connections are accepted by the
+// kernel, but nothing answers. Resume undoes it.
+func (r *Redis) Pause() { r.signal(syscall.SIGSTOP) }
+
+// Resume continues a paused server.
+func (r *Redis) Resume() { r.signal(syscall.SIGCONT) }
+
+func (r *Redis) signal(sig syscall.Signal) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd != nil {
+		_ = r.cmd.Process.Signal(sig)
+	}
+}
+
+// Restart starts the server again on the same port (after Kill), empty.
+func (r *Redis) Restart(t testing.TB) {
+	t.Helper()
+	r.Kill()
+	r.start(t)
 }
 
 // redisPing sends one inline PING and expects +PONG.

@@ -27,6 +27,15 @@ func stateImpls() map[string]func(t *testing.T) State {
 	return map[string]func(t *testing.T) State{
 		"memory": func(*testing.T) State { return NewMemoryState() },
 		"redis":  func(t *testing.T) State { return NewRedisState(newRedis(t), "test:budget:") },
+		"fallback_redis_up": func(t *testing.T) State {
+			return NewFallbackState(NewRedisState(newRedis(t), "test:budget:"), NewMemoryState(), nil)
+		},
+		"fallback_redis_gone": func(t *testing.T) State {
+			// A client to a port nothing listens on: every call falls back.
+			c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", DialTimeout: 100 * time.Millisecond, MaxRetries: -1})
+			t.Cleanup(func() { _ = c.Close() })
+			return NewFallbackState(NewRedisState(c, "test:budget:"), NewMemoryState(), nil)
+		},
 	}
 }
 

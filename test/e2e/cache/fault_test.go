@@ -1,0 +1,139 @@
+package cache_e2e
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shoal-oci/shoal/test/harness"
+	"github.com/shoal-oci/shoal/test/hub"
+)
+
+// readyz returns the status of a replica's /readyz.
+func readyz(c *cacheProc) (int, error) {
+	resp, _, err := doErr(http.MethodGet, "http://"+c.metricsAddr+"/readyz")
+	if err != nil {
+		return 0, err
+	}
+	return resp.StatusCode, nil
+}
+
+// TestRedisFaults_ReplicasStayReadyAndServe: two replicas share storage and a
+// Redis. Redis is killed, or stopped (SIGSTOP: connections hang). Both
+// replicas stay ready, say they run degraded (log line and metric), and keep
+// serving cached and cold content, each blob fetched upstream once. When
+// Redis comes back they say so and share state again.
+func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
+	for _, fault := range []string{"kill", "sigstop"} {
+		t.Run(fault, func(t *testing.T) {
+			h := hub.Start(t)
+			rd := harness.StartRedisServer(t)
+			shared := filepath.Join(t.TempDir(), "registry")
+			args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL}
+			r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
+			r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
+
+			warm := harness.RandomImage(t, 2, 64<<10)
+			h.Push(t, "library/warm", "v1", warm)
+			pullAll(t, r1, h, "library/warm", "v1", imageContent(t, warm))
+
+			switch fault {
+			case "kill":
+				rd.Kill()
+			case "sigstop":
+				rd.Pause()
+				t.Cleanup(rd.Resume)
+			}
+			for _, c := range []*cacheProc{r1, r2} {
+				eventually(t, 15*time.Second, c.name+" reports redis degraded", func() error {
+					if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 0 {
+						return fmt.Errorf("shoal_dependency_up = %v", v)
+					}
+					return nil
+				})
+				if st, err := readyz(c); err != nil || st != http.StatusOK {
+					t.Fatalf("%s /readyz with redis %s: %d %v; want 200 (it can serve)", c.name, fault, st, err)
+				}
+				if v := c.metric(t, "shoal_dependency_transitions_total", `dependency="redis"`, `to="degraded"`); v < 1 {
+					t.Errorf("%s: degraded transitions = %v, want >= 1", c.name, v)
+				}
+				if !strings.Contains(c.log(), "running degraded") {
+					t.Errorf("%s: no log line says it runs degraded", c.name)
+				}
+			}
+
+			// Cached content from both; a cold image through r1 then r2.
+			before := h.Counts()
+			pullAll(t, r2, h, "library/warm", "v1", imageContent(t, warm))
+			cold := harness.RandomImage(t, 2, 256<<10)
+			h.Push(t, "library/cold", "v1", cold)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			for _, c := range []*cacheProc{r1, r2} {
+				got, err := ggcrPull(ctx, c.addr, "library/cold", "v1", h.Host())
+				if err != nil {
+					t.Fatalf("cold pull through %s with redis %s: %v", c.name, fault, err)
+				}
+				if err := imageContent(t, cold).same(got); err != nil {
+					t.Fatalf("cold pull through %s: %v", c.name, err)
+				}
+			}
+			after := h.Counts()
+			if d := after.BlobGET - before.BlobGET; d != 3 { // config + 2 layers, once each
+				t.Errorf("upstream blob GETs while degraded = %d, want 3", d)
+			}
+			if d := after.ManifestGET - before.ManifestGET; d != 1 {
+				t.Errorf("counted manifest GETs while degraded = %d, want 1", d)
+			}
+
+			switch fault {
+			case "kill":
+				rd.Restart(t)
+			case "sigstop":
+				rd.Resume()
+			}
+			for _, c := range []*cacheProc{r1, r2} {
+				eventually(t, 15*time.Second, c.name+" reports redis recovered", func() error {
+					if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 1 {
+						return fmt.Errorf("shoal_dependency_up = %v", v)
+					}
+					return nil
+				})
+				if v := c.metric(t, "shoal_dependency_transitions_total", `dependency="redis"`, `to="recovered"`); v < 1 {
+					t.Errorf("%s: recovered transitions = %v, want >= 1", c.name, v)
+				}
+			}
+			pullAll(t, r2, h, "library/cold", "v1", imageContent(t, cold))
+		})
+	}
+}
+
+// TestUpstreamChunkedBlob_NoPanicNoRetry: an upstream that sends every blob
+// chunked (no Content-Length) is pulled by crane through a real cache
+// process on the first try: no panic, each blob fetched once.
+func TestUpstreamChunkedBlob_NoPanicNoRetry(t *testing.T) {
+	h := hub.Start(t)
+	h.SetChunkedBlobs(true)
+	c := startCache(t, h, cacheOpts{name: "c", upstreams: []string{"docker.io=" + h.URL()}})
+	img := harness.RandomImage(t, 2, 512<<10)
+	h.Push(t, "library/app", "v1", img)
+	want := imageContent(t, img)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := cliPull(t, ctx, "crane", c.addr, "library/app", "v1", want); err != nil {
+		t.Fatalf("crane pull of chunked upstream blobs: %v", err)
+	}
+	if n := h.Counts().BlobGET; n != 3 {
+		t.Errorf("upstream blob GETs = %d, want 3 (config + 2 layers, no retries)", n)
+	}
+	if v := c.metric(t, "shoal_panics_total"); v != 0 {
+		t.Errorf("shoal_panics_total = %v, want 0", v)
+	}
+	if strings.Contains(c.log(), "panic") {
+		t.Errorf("the cache log mentions a panic:\n%s", c.log())
+	}
+}
