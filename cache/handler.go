@@ -275,6 +275,7 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 		return resultMiss, nil
 	}
 	if c.cfg.Budget != nil {
+		// A cheap early answer; the upstream client's Take is the atomic gate.
 		acct := c.cfg.Upstream.Account(q.Registry)
 		if err := c.cfg.Budget.Allow(ctx, q.Registry, acct, cold); err != nil {
 			return "", c.upstreamError(err, q.describe())
@@ -283,7 +284,7 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	var mt string
 	job := flight.Job{
 		Fetch: func(ctx context.Context, w io.Writer) error {
-			fctx, cancel := context.WithTimeout(ctx, c.cfg.UpstreamTimeout)
+			fctx, cancel := context.WithTimeout(budget.WithCold(ctx, cold), c.cfg.UpstreamTimeout)
 			defer cancel()
 			b, desc, err := c.cfg.Upstream.GetManifest(fctx, q.Registry, q.repo, q.Digest.String())
 			if err != nil {

@@ -3,10 +3,10 @@
 // Range. Every upstream response is shown to an Observer (the rate-limit
 // budget) and counted in shoal_upstream_requests_total.
 //
-// Counting: the client calls Spender.Spend (when the Observer implements it)
-// once for every manifest GET, just before sending it. It never calls Allow:
-// whether a counted request may be made (stale serving, cold pulls) is the
-// caller's decision, taken with budget.Allow before GetManifest.
+// Counting: the client calls Gate.Take (when the Observer implements it)
+// once for every manifest GET, just before sending it, and does not send a
+// GET that Take refuses. Whether a pull is cold (and may spend the reserve)
+// travels in the context (budget.WithCold).
 package upstream
 
 import (
@@ -75,7 +75,7 @@ type Option func(*Client)
 func WithKeychain(k authn.Keychain) Option { return func(c *Client) { c.keychain = k } }
 
 // WithObserver shows every upstream response to o; if o also implements
-// Spender, every manifest GET is spent on it.
+// Gate, every manifest GET must pass it first.
 func WithObserver(o Observer) Option { return func(c *Client) { c.observer = o } }
 
 // WithRegisterer registers the client's metrics on r.
@@ -271,7 +271,7 @@ func tokenTTL(expiresIn int) time.Duration {
 }
 
 // do sends one request to the registry API and returns a successful
-// response or an error; count spends the request on the Spender first.
+// response or an error; a counted request must pass the Gate first.
 func (c *Client) do(ctx context.Context, registry, repo, method, path, kind, op string, hdr http.Header, count bool, ok ...int) (*http.Response, error) {
 	r, err := c.cfg.resolve(registry)
 	if err != nil {
@@ -294,8 +294,10 @@ func (c *Client) do(ctx context.Context, registry, repo, method, path, kind, op 
 	for k, v := range hdr {
 		req.Header[k] = v
 	}
-	if sp, ok := c.observer.(Spender); ok && count {
-		sp.Spend(ctx, r.host, account)
+	if g, ok := c.observer.(Gate); ok && count {
+		if err := g.Take(ctx, r.host, account); err != nil {
+			return nil, fmt.Errorf("upstream %s: %s: %w", r.host, op, err)
+		}
 	}
 	hc := &http.Client{Transport: rt, CheckRedirect: stripAuthOnRedirect}
 	resp, err := hc.Do(req)

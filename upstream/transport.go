@@ -18,13 +18,14 @@ type Observer interface {
 	Observe(ctx context.Context, upstream, account string, resp *http.Response)
 }
 
-// Spender is implemented by an Observer that also counts counted requests.
-// The client calls Spend once for every manifest GET it sends, just before
-// sending it (the response's ratelimit headers, which count the request
-// themselves, then overwrite the estimate). HEADs and blob GETs are not
-// counted, as on Docker Hub.
-type Spender interface {
-	Spend(ctx context.Context, upstream, account string)
+// Gate is implemented by an Observer that also decides counted requests.
+// The client calls Take once for every manifest GET, just before sending it;
+// an error refuses the request, which is then not sent. Take both decides
+// and counts, atomically (the response's ratelimit headers, which count the
+// request themselves, then overwrite the estimate). HEADs and blob GETs are
+// not counted, as on Docker Hub.
+type Gate interface {
+	Take(ctx context.Context, upstream, account string) error
 }
 
 // Request kinds in metrics.

@@ -202,6 +202,45 @@ func (b *Budget) Observe(ctx context.Context, upstream, account string, resp *ht
 	}
 }
 
+// coldKey marks a context whose counted request is a cold pull.
+type coldKey struct{}
+
+// WithCold marks ctx as carrying a cold pull (content never cached), which
+// may spend the reserve. Take reads it.
+func WithCold(ctx context.Context, cold bool) context.Context {
+	return context.WithValue(ctx, coldKey{}, cold)
+}
+
+func isCold(ctx context.Context) bool {
+	c, _ := ctx.Value(coldKey{}).(bool)
+	return c
+}
+
+// Take decides and records one counted request in a single atomic update
+// of the state, so that replicas sharing it cannot all pass the check
+// before any of them spends (check-then-act overshoots into the reserve).
+// It refuses exactly as Allow does, with the cold flag from WithCold, and
+// otherwise spends as Spend does. The upstream client calls it just before
+// every manifest GET. If the state cannot be written, Take logs and allows:
+// the upstream's own 429 is the backstop.
+func (b *Budget) Take(ctx context.Context, upstream, account string) error {
+	cold := isCold(ctx)
+	var refusal error
+	_, err := b.state.Update(ctx, Key{Upstream: upstream, Account: account}, func(r *Record) time.Duration {
+		now := b.now()
+		refusal = b.check(r, now, upstream, account, cold)
+		if refusal == nil {
+			b.spend(r, now)
+		}
+		return b.ttl(r, now)
+	})
+	if err != nil {
+		b.log.WarnContext(ctx, "budget: take failed, allowing", "upstream", upstream, "account", account, "err", err)
+		return nil
+	}
+	return refusal
+}
+
 // Allow reports whether one counted request (a manifest GET) may be made.
 // It refuses with an *ExhaustedError after a 429 until the block ends, when
 // nothing remains, and when only the reserve remains unless cold is true.
@@ -213,7 +252,11 @@ func (b *Budget) Allow(ctx context.Context, upstream, account string, cold bool)
 		b.log.WarnContext(ctx, "budget: load failed, allowing", "upstream", upstream, "account", account, "err", err)
 		return nil
 	}
-	now := b.now()
+	return b.check(&r, b.now(), upstream, account, cold)
+}
+
+// check is Allow's decision on a loaded record.
+func (b *Budget) check(r *Record, now time.Time, upstream, account string, cold bool) error {
 	refuse := func(reason string, retry time.Duration) error {
 		return &ExhaustedError{Upstream: upstream, Account: account, Reason: reason, RetryAfter: max(retry, 0)}
 	}
@@ -243,17 +286,21 @@ func (b *Budget) Allow(ctx context.Context, upstream, account string, cold bool)
 func (b *Budget) Spend(ctx context.Context, upstream, account string) {
 	_, err := b.state.Update(ctx, Key{Upstream: upstream, Account: account}, func(r *Record) time.Duration {
 		now := b.now()
-		r.Spent++
-		if r.Limit > 0 && r.Remaining > 0 {
-			r.Remaining--
-		}
-		r.Rate = b.decayed(r, now) + 1/b.tau.Seconds()
-		r.RateAt = now
+		b.spend(r, now)
 		return b.ttl(r, now)
 	})
 	if err != nil {
 		b.log.WarnContext(ctx, "budget: spend failed", "upstream", upstream, "account", account, "err", err)
 	}
+}
+
+func (b *Budget) spend(r *Record, now time.Time) {
+	r.Spent++
+	if r.Limit > 0 && r.Remaining > 0 {
+		r.Remaining--
+	}
+	r.Rate = b.decayed(r, now) + 1/b.tau.Seconds()
+	r.RateAt = now
 }
 
 // decayed returns the record's rate estimate as of now.
@@ -323,11 +370,13 @@ func ParseRetryAfter(v string, now time.Time) (time.Duration, bool) {
 	if v == "" {
 		return 0, false
 	}
-	if s, err := strconv.Atoi(v); err == nil && s >= 0 {
-		return time.Duration(s) * time.Second, true
+	if s, err := strconv.ParseUint(v, 10, 64); err == nil {
+		return seconds(int(min(s, uint64(maxDelay/time.Second)))), true
+	} else if errors.Is(err, strconv.ErrRange) {
+		return maxDelay, true // all digits, too many of them
 	}
 	if t, err := http.ParseTime(v); err == nil {
-		return max(t.Sub(now), 0), true
+		return min(max(t.Sub(now), 0), maxDelay), true
 	}
 	return 0, false
 }

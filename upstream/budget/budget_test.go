@@ -273,3 +273,67 @@ func TestStateErrorsFailOpen(t *testing.T) {
 		t.Fatal("Snapshot with unreachable state succeeded, want error")
 	}
 }
+
+// TestTakeIsAtomicAcrossReplicas: two Budgets on one Redis race 40 warm
+// Takes with 5 counted requests left above the reserve: exactly 5 pass,
+// none eats into the reserve.
+func TestTakeIsAtomicAcrossReplicas(t *testing.T) {
+	rdb := newRedis(t)
+	b1 := New(NewRedisState(rdb, "t:"), WithReserve(10))
+	b2 := New(NewRedisState(rdb, "t:"), WithReserve(10))
+	ctx := context.Background()
+	b1.Observe(ctx, up, acct, limited(100, 15))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	passed := 0
+	for i := range 40 {
+		b := b1
+		if i%2 == 1 {
+			b = b2
+		}
+		wg.Go(func() {
+			if b.Take(ctx, up, acct) == nil {
+				mu.Lock()
+				passed++
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if passed != 5 {
+		t.Fatalf("%d Takes passed, want exactly 5 (15 remaining, reserve 10)", passed)
+	}
+	if s := status(t, b1); s.Remaining != 10 || s.Spent != 5 {
+		t.Fatalf("after the race: remaining %d spent %d, want 10 and 5", s.Remaining, s.Spent)
+	}
+	// A cold pull may still spend the reserve.
+	if err := b2.Take(WithCold(ctx, true), up, acct); err != nil {
+		t.Fatalf("cold Take with the reserve left: %v", err)
+	}
+}
+
+// TestHugeDelaysDoNotOverflow: a window or Retry-After far beyond any real
+// one is capped, never wrapped into a negative or tiny duration.
+func TestHugeDelaysDoNotOverflow(t *testing.T) {
+	for _, v := range []string{"100;w=9999999999999", "100;w=9223372036854775807"} {
+		_, w, ok := ParseHeader(v)
+		if !ok || w != maxDelay {
+			t.Errorf("ParseHeader(%q) window = %v ok=%v, want %v", v, w, ok, maxDelay)
+		}
+	}
+	now := time.Now()
+	for _, v := range []string{"9999999999999", "99999999999999999999999999", "18446744073709551615"} {
+		d, ok := ParseRetryAfter(v, now)
+		if !ok || d != maxDelay {
+			t.Errorf("ParseRetryAfter(%q) = %v ok=%v, want %v", v, d, ok, maxDelay)
+		}
+	}
+	b := New(NewMemoryState())
+	ctx := context.Background()
+	b.Observe(ctx, "docker.io", "a", response(429, "GET", "/v2/x/manifests/y", "Retry-After", "99999999999999999999"))
+	err := b.Allow(ctx, "docker.io", "a", true)
+	var ex *ExhaustedError
+	if !errors.As(err, &ex) || ex.RetryAfter <= 0 {
+		t.Fatalf("after a 429 with a huge Retry-After: %v; want refused with a positive RetryAfter", err)
+	}
+}

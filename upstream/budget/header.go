@@ -24,7 +24,19 @@ func ParseHeader(v string) (n int, window time.Duration, ok bool) {
 		if err != nil || s < 0 {
 			return 0, 0, false
 		}
-		window = time.Duration(s) * time.Second
+		window = seconds(s)
 	}
 	return n, window, true
+}
+
+// maxDelay caps a window or a Retry-After. A larger value is bogus, and
+// would overflow a time.Duration (about 292 years) if taken as it comes.
+const maxDelay = 7 * 24 * time.Hour
+
+// seconds converts a header's count of seconds to a Duration, capped at maxDelay.
+func seconds(s int) time.Duration {
+	if s >= int(maxDelay/time.Second) {
+		return maxDelay
+	}
+	return time.Duration(s) * time.Second
 }
