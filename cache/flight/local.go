@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 )
@@ -53,6 +54,15 @@ func NewLocal(spoolDir string, opts ...Option) (*Local, error) {
 	cfg := newConfig(opts)
 	if err := os.MkdirAll(spoolDir, 0o700); err != nil {
 		return nil, fmt.Errorf("flight spool dir: %w", err)
+	}
+	// A process that died mid-fetch or mid-commit (SIGKILL, OOM) left its
+	// spool files behind; nothing else writes here, so they are garbage.
+	if left, err := filepath.Glob(filepath.Join(spoolDir, "flight-*")); err == nil {
+		for _, p := range left {
+			if err := os.Remove(p); err == nil {
+				cfg.log.Info("removed a spool file left by an earlier process", "path", p)
+			}
+		}
 	}
 	m, err := newMetrics(cfg.reg)
 	if err != nil {

@@ -137,3 +137,42 @@ func TestUpstreamChunkedBlob_NoPanicNoRetry(t *testing.T) {
 		t.Errorf("the cache log mentions a panic:\n%s", c.log())
 	}
 }
+
+// TestCacheKilledMidFetch_RestartCleansSpoolAndServes: a cache SIGKILLed
+// while it spools a blob leaves a spool file; the restarted process removes
+// it, and the next pull completes byte-identical.
+func TestCacheKilledMidFetch_RestartCleansSpoolAndServes(t *testing.T) {
+	h := hub.Start(t)
+	img := harness.RandomImage(t, 1, 2<<20)
+	h.Push(t, "library/app", "v1", img)
+	want := imageContent(t, img)
+	layers, _ := img.Layers()
+	lh, _ := layers[0].Digest()
+	c := startCache(t, h, cacheOpts{name: "c1"})
+	spool := filepath.Join(c.dataDir, "spool")
+	h.SetBandwidth(64 << 10) // ~30s for the layer: the kill comes first
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _, _ = ggcrPull(ctx, c.addr, "library/app", "v1", h.Host()) }()
+	eventually(t, 20*time.Second, "a spool file for the layer", func() error {
+		if h.BlobGETs(hub.DigestOf(lh)) < 1 {
+			return fmt.Errorf("layer not requested upstream yet")
+		}
+		left, _ := filepath.Glob(filepath.Join(spool, "flight-*"))
+		if len(left) == 0 {
+			return fmt.Errorf("no spool file")
+		}
+		return nil
+	})
+	c.kill()
+	cancel()
+	if left, _ := filepath.Glob(filepath.Join(spool, "flight-*")); len(left) == 0 {
+		t.Fatal("the killed process left no spool file: the test proves nothing")
+	}
+	h.SetBandwidth(0)
+	c2 := startCache(t, h, cacheOpts{name: "c2", dataDir: c.dataDir})
+	if left, _ := filepath.Glob(filepath.Join(spool, "flight-*")); len(left) != 0 {
+		t.Fatalf("spool files left after restart: %v", left)
+	}
+	pullAll(t, c2, h, "library/app", "v1", want)
+}
