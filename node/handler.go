@@ -152,7 +152,7 @@ func (n *Node) serveTag(w http.ResponseWriter, r *http.Request, rt oci.Route, fr
 	ctx := r.Context()
 	var cacheErr error
 	if !fromPeer && n.cfg.CacheURL != "" {
-		err := n.relay(w, r, rt, []target{{base: n.cfg.CacheURL, client: n.cache}}, sourceCache)
+		err := n.relay(w, r, rt, n.cacheTargets(), nil, sourceCache)
 		if err == nil {
 			return sourceCache, nil
 		}
@@ -172,7 +172,14 @@ func (n *Node) serveTag(w http.ResponseWriter, r *http.Request, rt oci.Route, fr
 	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		n.cfg.Logger.WarnContext(ctx, "local store", "ref", rt.Reference(), "err", err)
 	}
-	if fromPeer {
+	if fromPeer || !n.cfg.TrustPeerTags {
+		// A tag resolves only from a trusted source: the cache tier or this
+		// node's containerd. Any DHT member could answer a tag with an image
+		// of its choosing, and every digest check would pass; peers' tag
+		// answers count only inside a PSK network.
+		if cacheErr != nil {
+			return "", cacheErr
+		}
 		return "", oci.ErrManifestUnknown
 	}
 	if err := n.relayPeers(w, r, rt, rt.Reference()); err == nil {
@@ -222,7 +229,7 @@ func (n *Node) serveDigest(w http.ResponseWriter, r *http.Request, rt oci.Route,
 		return "", err
 	}
 	if n.cfg.CacheURL != "" {
-		err := n.relay(w, r, rt, []target{{base: n.cfg.CacheURL, client: n.cache}}, sourceCache)
+		err := n.relay(w, r, rt, n.cacheTargets(), nil, sourceCache)
 		if err == nil {
 			return sourceCache, nil
 		}
@@ -321,7 +328,16 @@ func (n *Node) relayPeers(w http.ResponseWriter, r *http.Request, rt oci.Route, 
 		p := peers[i]
 		targets[i] = target{base: p.Addr, client: n.peers, peer: &p}
 	}
-	return n.relay(w, r, rt, targets, sourcePeer)
+	// A blob broken mid-stream resumes on the other peers, then on the cache tier.
+	return n.relay(w, r, rt, targets, n.cacheTargets(), sourcePeer)
+}
+
+// cacheTargets is the cache tier as a relay target, or none.
+func (n *Node) cacheTargets() []target {
+	if n.cfg.CacheURL == "" {
+		return nil
+	}
+	return []target{{base: n.cfg.CacheURL, client: n.cache}}
 }
 
 func contentLength(resp *http.Response) (int64, error) {

@@ -71,8 +71,16 @@ type Config struct {
 	LookupTimeout time.Duration
 	// PeerCoolDown is how long a failed peer is skipped. Default 30s.
 	PeerCoolDown time.Duration
-	Logger       *slog.Logger
-	Registerer   prometheus.Registerer
+	// IdleTimeout fails a relayed body (peer or cache tier) that sends no
+	// bytes for this long; a peer's transfer then resumes elsewhere.
+	// Default 10s.
+	IdleTimeout time.Duration
+	// TrustPeerTags lets peers answer tag requests when the cache tier
+	// cannot. Set it only inside a PSK network: any DHT member can answer
+	// a tag with an image of its own choosing.
+	TrustPeerTags bool
+	Logger        *slog.Logger
+	Registerer    prometheus.Registerer
 }
 
 func (c *Config) setDefaults() {
@@ -87,6 +95,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.PeerCoolDown <= 0 {
 		c.PeerCoolDown = 30 * time.Second
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 10 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

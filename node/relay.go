@@ -9,6 +9,8 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -46,18 +48,56 @@ type attempt struct {
 }
 
 // relay fetches rt from the targets, hedging across them, and writes the
-// answer to w. It returns errNoSource when no target had the content, or the
-// target's own OCI error when the single target (the cache tier) refused.
-func (n *Node) relay(w http.ResponseWriter, r *http.Request, rt oci.Route, targets []target, label string) error {
+// answer to w. A peer whose answer is unusable (an error status, a body of
+// unknown or wrong length, a wrong digest) is cooled down and the next
+// target is tried; a peer's error is never passed on to the client. It
+// returns errNoSource when no target had the content, or the cache tier's
+// own OCI error when it refused. resume lists extra targets (the cache
+// tier) that a blob broken mid-stream may resume from.
+func (n *Node) relay(w http.ResponseWriter, r *http.Request, rt oci.Route, targets, resume []target, label string) error {
 	ctx := r.Context()
-	a, err := n.hedge(ctx, r.Method, rt, targets, r.Header.Get("Range"))
-	if err != nil {
-		return err
+	rng := r.Header.Get("Range")
+	left := targets
+	for {
+		a, err := n.hedge(ctx, r.Method, rt, left, rng)
+		if err != nil {
+			return err
+		}
+		t := left[a.i]
+		left = without(left, a.i)
+		if rt.Kind == oci.KindManifest {
+			err = n.relayManifest(w, r, rt, t, a, label)
+		} else {
+			err = n.relayBlob(w, r, rt, t, left, resume, a, label)
+		}
+		if !errors.Is(err, errTryNext) {
+			return err
+		}
 	}
-	if rt.Kind == oci.KindManifest {
-		return n.relayManifest(w, r, rt, a, label)
+}
+
+// errTryNext means a peer's answer was unusable and nothing was written to
+// the client yet: the next target is tried.
+var errTryNext = errors.New("unusable answer, trying the next source")
+
+// without returns ts without its i-th element, as a new slice.
+func without(ts []target, i int) []target {
+	out := make([]target, 0, len(ts)-1)
+	out = append(out, ts[:i]...)
+	return append(out, ts[i+1:]...)
+}
+
+// reject cools down a peer whose answer was unusable and says so; the cache
+// tier's answer is final and becomes a 502.
+func (n *Node) reject(ctx context.Context, t target, a *attempt, label string, err error) error {
+	a.resp.Body.Close()
+	a.done(err)
+	if t.peer != nil {
+		n.metrics.peerErrors.Inc()
+		n.cfg.Logger.InfoContext(ctx, "peer answer unusable, trying the next source", "peer", t.peer.ID, "err", err)
+		return errTryNext
 	}
-	return n.relayBlob(w, r, rt, targets, a, label)
+	return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "the %s tier returned an invalid response", label).Wrap(err)
 }
 
 // hedge sends the request to targets[0], and to the next target each time
@@ -93,7 +133,7 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 	launch()
 	timer := time.NewTimer(n.cfg.HedgeDelay)
 	defer timer.Stop()
-	var firstErr error
+	var firstErr, rangeErr error
 	for pending > 0 {
 		select {
 		case <-timer.C:
@@ -128,19 +168,27 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 				return &winner, nil
 			}
 			res.cancel()
-			if errors.Is(res.err, errNoSource) || isClientError(res.err) {
-				// A stale record, or the request itself is bad (a range
-				// past the end): either way not a sick peer.
+			isPeer := targets[res.i].peer != nil
+			switch {
+			case ctx.Err() != nil, errors.Is(res.err, errNoSource), errors.Is(res.err, errRangeRefused):
+				// The client left, a stale record, or a range past the end
+				// of the blob: none of them says the peer is sick.
 				res.done(nil)
-			} else {
+			case !isPeer && isClientError(res.err):
+				res.done(nil) // the cache tier's real answer
+			default:
 				res.done(res.err)
-				if targets[res.i].peer != nil {
+				if isPeer {
 					n.metrics.peerErrors.Inc()
 					n.cfg.Logger.InfoContext(ctx, "peer failed", "peer", targets[res.i].peer.ID, "err", res.err)
 				}
 			}
-			if firstErr == nil && !errors.Is(res.err, errNoSource) {
-				firstErr = res.err
+			switch {
+			case errors.Is(res.err, errNoSource):
+			case !isPeer && firstErr == nil:
+				firstErr = res.err // only the cache tier's errors are passed on
+			case errors.Is(res.err, errRangeRefused) && rangeErr == nil:
+				rangeErr = res.err
 			}
 			if next < len(targets) {
 				launch()
@@ -155,8 +203,15 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 	if errors.As(firstErr, &oe) {
 		return nil, oe // a real answer from the cache tier: pass it on
 	}
+	if errors.As(rangeErr, &oe) {
+		return nil, oe // every holder says the range is past the end
+	}
 	return nil, errNoSource
 }
+
+// errRangeRefused marks a peer's 416: the client's range lies past the end
+// of the blob. It is the request's fault, not the peer's.
+var errRangeRefused = errors.New("range not satisfiable")
 
 // isClientError reports whether err is a target's 4xx answer: the request
 // was at fault, not the target.
@@ -191,9 +246,12 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 	}
 	var resp *http.Response
 	if t.peer != nil && method == http.MethodGet && rt.Kind == oci.KindBlob && !n.cfg.VerifyBlobs {
-		resp, err = rawGet(ctx, n.dialer, req)
+		resp, err = rawGet(ctx, n.dialer, req, n.cfg.IdleTimeout)
 	} else {
 		resp, err = t.client.Do(req)
+		if err == nil {
+			resp.Body = oci.NewIdleReader(resp.Body, n.cfg.IdleTimeout)
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: %w", method, t.base, err)
@@ -206,12 +264,21 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 		return nil, errNoSource
 	}
 	defer resp.Body.Close()
-	return nil, errorFromResponse(resp)
+	oe := errorFromResponse(resp)
+	if t.peer == nil {
+		return nil, oe
+	}
+	// A peer's error is never the client's answer: containerd moves to its
+	// next host only on a 404, so a peer's 500 or 400 would fail the pull.
+	if resp.StatusCode == http.StatusRequestedRangeNotSatisfiable {
+		return nil, fmt.Errorf("peer %s: %w: %w", t.base, errRangeRefused, oe)
+	}
+	return nil, fmt.Errorf("peer %s answered %d %s: %s", t.base, resp.StatusCode, oe.Code, oe.Message)
 }
 
 // errorFromResponse turns a non-2xx answer into an *oci.Error, keeping the
 // status and the first error's code and message.
-func errorFromResponse(resp *http.Response) error {
+func errorFromResponse(resp *http.Response) *oci.Error {
 	oe := &oci.Error{Status: resp.StatusCode, Code: oci.CodeUnavailable, Message: http.StatusText(resp.StatusCode)}
 	var env struct {
 		Errors []struct {
@@ -235,14 +302,13 @@ func errorFromResponse(resp *http.Response) error {
 
 // relayManifest reads a manifest whole (bounded), checks it against its
 // digest, and only then writes it.
-func (n *Node) relayManifest(w http.ResponseWriter, r *http.Request, rt oci.Route, a *attempt, label string) error {
+func (n *Node) relayManifest(w http.ResponseWriter, r *http.Request, rt oci.Route, t target, a *attempt, label string) error {
 	resp := a.resp
-	defer resp.Body.Close()
 	d, err := digestOf(rt, resp)
 	if err != nil {
-		a.done(err)
-		return err
+		return n.reject(r.Context(), t, a, label, err)
 	}
+	defer resp.Body.Close()
 	h := w.Header()
 	h.Set("Content-Type", resp.Header.Get("Content-Type"))
 	h.Set("Docker-Content-Digest", d.String())
@@ -264,11 +330,11 @@ func (n *Node) relayManifest(w http.ResponseWriter, r *http.Request, rt oci.Rout
 	if err == nil && (!d.Algorithm().Available() || d.Algorithm().FromBytes(b) != d) {
 		err = fmt.Errorf("%w: manifest %s", oci.ErrDigestMismatch, d)
 	}
-	a.done(err)
 	if err != nil {
 		n.cfg.Logger.WarnContext(r.Context(), "relayed manifest rejected", "source", label, "digest", d, "err", err)
-		return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "the %s tier returned an invalid manifest", label).Wrap(err)
+		return n.reject(r.Context(), t, a, label, err)
 	}
+	a.done(nil)
 	h.Set("Content-Length", strconv.Itoa(len(b)))
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(b)
@@ -297,22 +363,49 @@ func responseSpan(resp *http.Response) (span, error) {
 	return span{start: 0, end: l - 1, total: l}, nil
 }
 
-// relayBlob streams a blob. When the source breaks mid-stream it resumes on
-// another target with a Range request. A whole blob is hashed as it passes;
-// its last chunk is held back until the digest checks out, so a client never
-// receives a complete-looking body with bad bytes.
-func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, targets []target, a *attempt, label string) error {
-	ctx := r.Context()
-	s, err := responseSpan(a.resp)
-	if err == nil {
-		if dh := a.resp.Header.Get("Docker-Content-Digest"); dh != "" && dh != rt.Digest.String() {
-			err = fmt.Errorf("source answered %s with digest %s", rt.Digest, dh)
-		}
-	}
+// checkBlob says whether a blob answer fits the request: a usable length,
+// the right digest, and the range that was asked for (the whole blob when
+// none was).
+func checkBlob(rt oci.Route, resp *http.Response, rng string) (span, error) {
+	s, err := responseSpan(resp)
 	if err != nil {
-		a.resp.Body.Close()
-		a.done(err)
-		return oci.Errorf(http.StatusBadGateway, oci.CodeUnavailable, "the %s tier returned an invalid response", label).Wrap(err)
+		return span{}, err
+	}
+	if dh := resp.Header.Get("Docker-Content-Digest"); dh != "" && dh != rt.Digest.String() {
+		return span{}, fmt.Errorf("source answered %s with digest %s", rt.Digest, dh)
+	}
+	if rng == "" {
+		if resp.StatusCode != http.StatusOK {
+			return span{}, fmt.Errorf("source answered a whole-blob request with %d", resp.StatusCode)
+		}
+		return s, nil
+	}
+	br, ranged, err := oci.ParseRange(rng, s.total)
+	if err != nil {
+		return span{}, fmt.Errorf("the requested range does not fit the source's blob of %d bytes: %w", s.total, err)
+	}
+	want := span{start: 0, end: s.total - 1, total: s.total}
+	if ranged {
+		want = span{start: br.Start, end: br.Start + br.Length() - 1, total: s.total}
+	}
+	if s != want {
+		return span{}, fmt.Errorf("source answered bytes %d-%d/%d for range %q", s.start, s.end, s.total, rng)
+	}
+	return s, nil
+}
+
+// relayBlob streams a blob from a (the answer of t). When the source breaks
+// mid-stream it resumes on another target (rest, then resume) with a Range
+// request. With VerifyBlobs a whole blob is hashed as it passes and its last
+// chunk is held back until the digest checks out, so a client never
+// receives a complete-looking body with bad bytes. When the client goes
+// away (containerd closes each chunk of a chunked fetch), the transfer
+// stops at once and no source is blamed.
+func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t target, rest, resume []target, a *attempt, label string) error {
+	ctx := r.Context()
+	s, err := checkBlob(rt, a.resp, r.Header.Get("Range"))
+	if err != nil {
+		return n.reject(ctx, t, a, label, err)
 	}
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream")
@@ -346,8 +439,12 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		c.buf, c.held = bufs[0], bufs[1][:0]
 	}
 	want := s.end - s.start + 1
-	used := map[int]bool{a.i: true}
+	var served []*routing.Peer // the peers whose bytes went into this response
+	left := append(append([]target(nil), rest...), resume...)
 	for {
+		if t.peer != nil {
+			served = append(served, t.peer)
+		}
 		var err error
 		if hasher == nil {
 			// No hashing: hand the bytes over as they are, by splice from a
@@ -371,39 +468,24 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		if err == nil {
 			err = io.ErrUnexpectedEOF
 		}
-		a.done(err)
-		if c.writeErr != nil || ctx.Err() != nil {
+		if c.writeErr != nil || n.clientGone(ctx, err) {
+			a.done(nil) // the client left: says nothing about the source
 			return fmt.Errorf("%w: client went away: %v", errAborted, err)
 		}
+		a.done(err)
 		n.cfg.Logger.InfoContext(ctx, "source broke mid-stream, resuming elsewhere", "digest", rt.Digest, "offset", s.start+c.n, "err", err)
-		var rest []target
-		for i, t := range targets {
-			if !used[i] {
-				rest = append(rest, t)
-			}
+		next, nt, rerr := n.resume(ctx, rt, left, span{start: s.start + c.n, end: s.end, total: s.total})
+		if rerr != nil {
+			n.abort(ctx, rt, label, fmt.Errorf("resume: %w", rerr))
 		}
-		next, herr := n.hedge(ctx, http.MethodGet, rt, rest, fmt.Sprintf("bytes=%d-%d", s.start+c.n, s.end))
-		if herr != nil {
-			n.abort(ctx, rt, label, fmt.Errorf("resume: %w", herr))
-		}
-		// hedge indexes into rest; map back to targets.
-		for i, t := range targets {
-			if !used[i] && t.base == rest[next.i].base {
-				next.i = i
-				break
-			}
-		}
-		used[next.i] = true
-		ns, serr := responseSpan(next.resp)
-		if serr != nil || next.resp.StatusCode != http.StatusPartialContent || ns.start != s.start+c.n || ns.end != s.end {
-			next.resp.Body.Close()
-			next.done(fmt.Errorf("bad resume answer: %v", serr))
-			n.abort(ctx, rt, label, fmt.Errorf("resume: source ignored the range"))
-		}
+		left = without(left, slices.IndexFunc(left, func(x target) bool { return x.base == nt.base }))
 		n.metrics.resumes.Inc()
-		a = next
+		a, t = next, nt
 	}
 	if hasher != nil && digest.NewDigest(rt.Digest.Algorithm(), hasher) != rt.Digest {
+		for _, p := range served {
+			n.picker.CoolDown(*p)
+		}
 		n.abort(ctx, rt, label, oci.ErrDigestMismatch)
 	}
 	if err := c.flush(); err != nil {
@@ -411,6 +493,52 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 	}
 	n.metrics.bytes.WithLabelValues(label).Add(float64(c.n))
 	return nil
+}
+
+// resume finds a target among left that answers the rest of a blob, sp,
+// with exactly that range. Unusable answers cool their peer down and the
+// next target is tried.
+func (n *Node) resume(ctx context.Context, rt oci.Route, left []target, sp span) (*attempt, target, error) {
+	rng := fmt.Sprintf("bytes=%d-%d", sp.start, sp.end)
+	for {
+		a, err := n.hedge(ctx, http.MethodGet, rt, left, rng)
+		if err != nil {
+			return nil, target{}, err
+		}
+		t := left[a.i]
+		got, cerr := checkBlob(rt, a.resp, rng)
+		if cerr == nil && got.total == sp.total {
+			return a, t, nil
+		}
+		if cerr == nil {
+			cerr = fmt.Errorf("source holds %d bytes, not %d", got.total, sp.total)
+		}
+		a.resp.Body.Close()
+		a.done(cerr)
+		n.cfg.Logger.InfoContext(ctx, "resume answer unusable", "source", t.base, "err", cerr)
+		left = without(left, a.i)
+	}
+}
+
+// clientGone reports whether a failed copy failed because the client went
+// away. A short or stalled source is the source's fault; for anything else
+// (a reset, a broken pipe: either side's) it waits a moment for the
+// server to notice a closed client connection, which cancels ctx.
+func (n *Node) clientGone(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, oci.ErrStalled) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
+	t := time.NewTimer(200 * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // abort ends a response whose headers are already sent: the client sees a

@@ -78,6 +78,14 @@ func (p *Picker) Order(peers []Peer) []Peer {
 	return out
 }
 
+// CoolDown puts peer in cool-down now, for a fault found after its request
+// ended (bytes that failed their digest check).
+func (p *Picker) CoolDown(peer Peer) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.until[peer.ID] = p.now().Add(p.coolDown)
+}
+
 // Start records a request to peer and returns the function to call when it
 // ends. done is safe to call more than once; only the first call counts. A
 // non-nil err puts the peer in cool-down, except context.Canceled: a request

@@ -30,6 +30,10 @@ func BuildShoal(dir string, buildFlags ...string) (string, error) {
 	return out, nil
 }
 
+// TestPSK is the pre-shared key (64 hex characters) of the private network
+// that test nodes join unless NodeOptions.NoPSK is set. It is a test key.
+const TestPSK = "5368616c6c2074657374206e6574776f726b206b6579206f6e6c792c20c3b8c3"
+
 // NodeOptions configures one `shoal node` process.
 type NodeOptions struct {
 	// Bin is the shoal binary (see BuildShoal). Required.
@@ -48,6 +52,10 @@ type NodeOptions struct {
 	Registries []string
 	// NoRouter runs the node without peers (--router-addr "").
 	NoRouter bool
+	// NoPSK runs the node outside the test PSK network. By default every
+	// node of a test joins one private network (TestPSK), as the chart's
+	// nodes do, which also lets peers answer tags.
+	NoPSK bool
 	// Args are extra command-line flags.
 	Args []string
 }
@@ -103,6 +111,13 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 		args = append(args, "--containerd-sock", o.Containerd.Socket, "--containerd-config", o.Containerd.ConfigPath)
 	default:
 		t.Fatal("StartShoalNode: Containerd or LayoutDir is required")
+	}
+	if !o.NoRouter && !o.NoPSK {
+		psk := filepath.Join(dir, "swarm.key")
+		if err := os.WriteFile(psk, []byte(TestPSK+"\n"), 0o600); err != nil {
+			t.Fatalf("write psk: %v", err)
+		}
+		args = append(args, "--psk-file", psk)
 	}
 	if len(o.BootstrapPeers) > 0 {
 		args = append(args, "--bootstrap-peers", strings.Join(o.BootstrapPeers, ","))

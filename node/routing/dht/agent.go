@@ -52,11 +52,17 @@ func registryURL(registry string, connIP net.IP) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("registry address %q: %w", registry, err)
 	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+	ip := net.ParseIP(host)
+	switch {
+	case host == "" || (ip != nil && ip.IsUnspecified()):
 		if connIP == nil {
 			return "", fmt.Errorf("registry address %q has no host and the peer's IP is unknown", registry)
 		}
 		host = connIP.String()
+	case ip == nil || connIP == nil || !ip.Equal(connIP):
+		// A member may only point others at itself: otherwise any member
+		// could send every node's fetches to a host:port of its choosing.
+		return "", fmt.Errorf("registry address %q is not on the peer's own address %v", registry, connIP)
 	}
 	return "http://" + net.JoinHostPort(host, port), nil
 }

@@ -436,7 +436,9 @@ func TestAgentRoundTrip(t *testing.T) {
 		wantURL      string
 		wantURLError bool
 	}{
-		{name: "registry_and_zone", ua: agentString("10.0.0.7:5000", "eu-1a"), registry: "10.0.0.7:5000", zone: "eu-1a", ok: true, connIP: "10.9.9.9", wantURL: "http://10.0.0.7:5000"},
+		{name: "registry_and_zone", ua: agentString("10.0.0.7:5000", "eu-1a"), registry: "10.0.0.7:5000", zone: "eu-1a", ok: true, connIP: "10.0.0.7", wantURL: "http://10.0.0.7:5000"},
+		{name: "registry_on_another_host_is_refused", ua: agentString("10.0.0.7:5000", ""), registry: "10.0.0.7:5000", ok: true, connIP: "10.9.9.9", wantURLError: true},
+		{name: "registry_by_name_is_refused", ua: agentString("evil.example:443", ""), registry: "evil.example:443", ok: true, connIP: "10.9.9.9", wantURLError: true},
 		{name: "no_zone", ua: agentString(":5000", ""), registry: ":5000", ok: true, connIP: "10.0.0.8", wantURL: "http://10.0.0.8:5000"},
 		{name: "unspecified_host_uses_conn_ip", ua: agentString("0.0.0.0:5000", ""), registry: "0.0.0.0:5000", ok: true, connIP: "10.0.0.9", wantURL: "http://10.0.0.9:5000"},
 		{name: "ipv6_conn_ip", ua: agentString("[::]:5000", ""), registry: "[::]:5000", ok: true, connIP: "fd00::1", wantURL: "http://[fd00::1]:5000"},
