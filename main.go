@@ -562,6 +562,7 @@ func runCache(args []string, stderr io.Writer) error {
 		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
 		reserve         = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
 		maxSize         = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		advertiseURL    = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
 		tokenFile       = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
 		upTimeout       = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
 		upIdle          = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
@@ -689,7 +690,8 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	var fl cache.Flight = local
 	if rdb != nil {
-		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")), flight.WithHealth(redisHealth))
+		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")), flight.WithHealth(redisHealth),
+			flight.WithAdvertise(strings.TrimSuffix(*advertiseURL, "/")))
 	}
 
 	driverName, params := *storageName, map[string]any{}
@@ -717,17 +719,18 @@ func runCache(args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--max-size: %w", err)
 	}
+	token, err := auth.LoadToken(*tokenFile)
+	if err != nil {
+		return fmt.Errorf("--client-token-file: %w", err)
+	}
 	c, err := cache.New(ctx, cache.Config{
+		ReplicaClient: &http.Client{Transport: token.RoundTripper(cache.ReplicaTransport())},
 		Driver: driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
 		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,
 		Logger: log.With("component", "cache"), Registerer: reg,
 	})
 	if err != nil {
 		return err
-	}
-	token, err := auth.LoadToken(*tokenFile)
-	if err != nil {
-		return fmt.Errorf("--client-token-file: %w", err)
 	}
 	runErr := make(chan error, 1)
 	go func() { runErr <- c.Run(ctx) }()

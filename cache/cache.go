@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"time"
 
 	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
@@ -65,6 +67,11 @@ type Config struct {
 	// nothing for this long, so a stalled upstream does not hold the flight
 	// and its waiters. Default 30s.
 	UpstreamIdleTimeout time.Duration
+	// ReplicaClient carries this replica's relays of a fetch in progress
+	// from the replica that holds its lease; it must send the client token
+	// the replicas require. Default: a client without proxy or token, with
+	// short dial and header timeouts.
+	ReplicaClient *http.Client
 	// MaxSize bounds the stored blobs in bytes; 0 means unbounded.
 	MaxSize int64
 	// EvictInterval is how often the size bound is enforced. Default 1m.
@@ -87,6 +94,17 @@ type Cache struct {
 	evict      *evictor
 }
 
+// ReplicaTransport is the transport for relays between replicas: no proxy,
+// short dial and header timeouts, no compression.
+func ReplicaTransport() *http.Transport {
+	return &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 10 * time.Second,
+		DisableCompression:    true,
+		MaxIdleConnsPerHost:   16,
+	}
+}
+
 // New builds a Cache on cfg.Driver.
 func New(ctx context.Context, cfg Config) (*Cache, error) {
 	if cfg.Driver == nil || cfg.Upstream == nil || cfg.Flight == nil {
@@ -97,6 +115,9 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 	}
 	if cfg.UpstreamIdleTimeout <= 0 {
 		cfg.UpstreamIdleTimeout = 30 * time.Second
+	}
+	if cfg.ReplicaClient == nil {
+		cfg.ReplicaClient = &http.Client{Transport: ReplicaTransport()}
 	}
 	if cfg.EvictInterval <= 0 {
 		cfg.EvictInterval = time.Minute

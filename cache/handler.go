@@ -8,7 +8,9 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -73,6 +75,10 @@ func (c *Cache) serve(w http.ResponseWriter, r *http.Request) (result, kind stri
 	rt, err := oci.ParseRoute(r)
 	if err != nil {
 		return "", "", err
+	}
+	if r.Header.Get(ReplicaHeader) != "" {
+		// Another replica relays this request: answer it here, never relay on.
+		r = r.WithContext(flight.NoRelay(r.Context()))
 	}
 	if rt.Kind == oci.KindBase {
 		w.Header().Set("Content-Type", "application/json")
@@ -391,6 +397,9 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 			}
 			return nil
 		},
+		Relay: func(ctx context.Context, w io.Writer, from string) error {
+			return c.relayBlob(ctx, w, from, q)
+		},
 		Commit: func(ctx context.Context, spool *os.File) error {
 			if err := c.store.commitBlob(ctx, q.Digest, spool); err != nil {
 				return err
@@ -419,6 +428,38 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 	}
 	defer res.Body.Close()
 	return resultMiss, c.streamBlob(w, r, q, res.Body)
+}
+
+// ReplicaHeader marks a request one replica relays to another.
+const ReplicaHeader = "X-Shoal-Replica"
+
+// relayBlob streams blob q from the replica at from, which holds its lease
+// and is fetching it, into w, verifying it as an upstream fetch is.
+func (c *Cache) relayBlob(ctx context.Context, w io.Writer, from string, q req) error {
+	u := strings.TrimSuffix(from, "/") + "/v2/" + q.Name + "/blobs/" + q.Digest.String() + "?ns=" + url.QueryEscape(q.Registry)
+	hr, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return fmt.Errorf("relay request: %w", err)
+	}
+	hr.Header.Set(ReplicaHeader, "1")
+	resp, err := c.cfg.ReplicaClient.Do(hr)
+	if err != nil {
+		return fmt.Errorf("relay from %s: %w", from, err)
+	}
+	body := oci.NewIdleReader(resp.Body, c.cfg.UpstreamIdleTimeout)
+	defer body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("relay from %s: status %d", from, resp.StatusCode)
+	}
+	setSize(w, resp.ContentLength)
+	vr, err := oci.NewVerifyingReader(body, q.Digest, resp.ContentLength)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(w, vr); err != nil {
+		return fmt.Errorf("relay blob %s from %s: %w", q.Digest, from, err)
+	}
+	return nil
 }
 
 // sizer is the flight body's view of the total size the fetch announced.

@@ -28,6 +28,13 @@ type Job struct {
 	// positioned at 0 (it may close it). Readers of the flight see io.EOF as
 	// soon as Fetch succeeds; they do not wait for Commit.
 	Commit func(ctx context.Context, spool *os.File) error
+	// Relay streams the content into w from another replica, from, that
+	// holds the lease and is fetching it now (its advertised base URL). It
+	// lets this replica's callers get headers and bytes as they arrive
+	// instead of waiting silently for the other replica's commit. Nil, or a
+	// replica that advertises nothing, means wait. A relayed flight is not
+	// committed here: the holder commits it.
+	Relay func(ctx context.Context, w io.Writer, from string) error
 	// Committed reports whether the content is already stored, for example by
 	// another replica. Redis polls it while another replica holds the lease.
 	// Nil means never.
@@ -62,8 +69,9 @@ type config struct {
 	leaseTTL time.Duration
 	pollMin  time.Duration
 	pollMax  time.Duration
-	prefix   string
-	health   Health
+	prefix    string
+	health    Health
+	advertise string
 }
 
 // Health says whether Redis is reachable now (*health.Watcher implements
@@ -140,6 +148,24 @@ func WithPoll(min, max time.Duration) Option {
 func WithHealth(h Health) Option {
 	return func(c *config) { c.health = h }
 }
+
+// WithAdvertise sets the base URL at which other replicas reach this one
+// (NewRedis only). It is stored with each lease this replica takes, so that
+// a replica waiting on the lease can relay the fetch in progress (Job.Relay)
+// instead of sending nothing until the commit. Empty: others wait.
+func WithAdvertise(url string) Option {
+	return func(c *config) { c.advertise = url }
+}
+
+// noRelayKey marks a request that came from another replica's relay.
+type noRelayKey struct{}
+
+// NoRelay marks ctx so that a Redis flight never relays it to another
+// replica: a relayed request must be answered by the replica it reached,
+// or two replicas could relay to each other.
+func NoRelay(ctx context.Context) context.Context { return context.WithValue(ctx, noRelayKey{}, true) }
+
+func noRelay(ctx context.Context) bool { v, _ := ctx.Value(noRelayKey{}).(bool); return v }
 
 // WithKeyPrefix sets the prefix of lease keys in Redis (NewRedis only). The
 // default is "shoal:flight:".

@@ -27,8 +27,18 @@ type Local struct {
 
 // A gate runs in the flight before Fetch. The Redis flight uses it to take
 // the cross-replica lease, or to wait for another replica to commit
-// (elsewhere). release, if not nil, runs after Commit or a failed Fetch.
-type gate func(ctx context.Context) (elsewhere bool, release func(), err error)
+// (elsewhere), or to relay from the replica that holds the lease.
+type gate func(ctx context.Context, relay bool) (gateResult, error)
+
+// gateResult is a gate's verdict.
+type gateResult struct {
+	// elsewhere: another replica committed the content.
+	elsewhere bool
+	// relayFrom: stream from this replica, which holds the lease.
+	relayFrom string
+	// release, if not nil, runs after Commit or a failed Fetch.
+	release func()
+}
 
 // call is one flight. ready is closed once the flight streams, turned out to
 // be elsewhere, or failed to start; the fields above mu are set before then.
@@ -39,6 +49,7 @@ type call struct {
 
 	mu   sync.Mutex
 	file *os.File
+	old  []*os.File // spools replaced by restart, closed with the last reference
 	size int64
 	// total is the size Fetch announced with SetSize, -1 until then.
 	total int64
@@ -129,25 +140,8 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 	}()
 	log := l.cfg.log.With("key", key)
 
-	release := func() {}
-	if g != nil {
-		elsewhere, rel, err := g(ctx)
-		if err != nil || elsewhere {
-			if elsewhere {
-				l.m.dedup.Inc()
-			}
-			c.elsewhere, c.startErr = elsewhere, err
-			l.forget(key, c)
-			close(c.ready)
-			return
-		}
-		if rel != nil {
-			release = rel
-		}
-	}
 	f, err := os.CreateTemp(l.dir, "flight-*")
 	if err != nil {
-		release()
 		c.startErr = fmt.Errorf("flight %s: spool: %w", key, err)
 		l.forget(key, c)
 		close(c.ready)
@@ -156,9 +150,65 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 	c.mu.Lock()
 	c.file = f
 	c.mu.Unlock()
-	close(c.ready)
 
-	if err := job.Fetch(ctx, spool{c}); err != nil {
+	release := func() {}
+	fetch := job.Fetch
+	if g != nil {
+		res, err := g(ctx, job.Relay != nil)
+		if res.relayFrom != "" {
+			close(c.ready)
+			l.m.relayed.Inc()
+			rerr := job.Relay(ctx, spool{c}, res.relayFrom)
+			if rerr == nil {
+				// The holder commits; this replica only passed the bytes on.
+				c.finish(nil)
+				l.unlink(f.Name())
+				l.forget(key, c)
+				return
+			}
+			// The holder failed (died, stalled): wait on its lease as a
+			// replica without relay would, and on takeover fetch afresh into
+			// a new spool. Readers keep their offsets: the content is the
+			// same bytes, so they go on once the new spool passes them.
+			log.Info("flight relay failed; waiting on the lease", "from", res.relayFrom, "relayed", c.written(), "err", rerr)
+			res, err = g(ctx, false)
+			if err == nil && !res.elsewhere {
+				nf, cerr := os.CreateTemp(l.dir, "flight-*")
+				if cerr != nil {
+					err = fmt.Errorf("flight %s: spool: %w", key, cerr)
+				} else {
+					l.unlink(f.Name())
+					c.restart(nf)
+					f = nf
+				}
+			}
+			if err == nil && res.elsewhere {
+				err = errElsewhereLate
+			}
+		}
+		if err != nil || res.elsewhere {
+			if res.elsewhere {
+				l.m.dedup.Inc()
+			}
+			l.unlink(f.Name())
+			l.forget(key, c)
+			if isClosed(c.ready) {
+				c.finish(err)
+				return
+			}
+			c.elsewhere, c.startErr = res.elsewhere, err
+			close(c.ready)
+			return
+		}
+		if res.release != nil {
+			release = res.release
+		}
+	}
+	if !isClosed(c.ready) {
+		close(c.ready)
+	}
+
+	if err := fetch(ctx, spool{c}); err != nil {
 		// Forget before readers see the error, so that a caller who retries
 		// starts a new flight rather than joining this failed one.
 		err = fmt.Errorf("flight %s: fetch: %w", key, err)
@@ -180,6 +230,35 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 	l.unlink(f.Name())
 	release()
 	l.forget(key, c)
+}
+
+// errElsewhereLate fails readers that joined a relay which then gave way
+// to another replica's commit: they retry, and find the content stored.
+var errElsewhereLate = errors.New("flight: content committed by another replica; retry")
+
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// restart replaces the spool with an empty file f for a fetch that starts
+// over; readers stay where they are and wait for the new spool to reach them.
+func (c *call) restart(f *os.File) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.old = append(c.old, c.file)
+	c.file, c.size = f, 0
+}
+
+// written is how many bytes the spool holds.
+func (c *call) written() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.size
 }
 
 // Drain waits until every running flight has committed or failed, or ctx
@@ -242,6 +321,9 @@ func (c *call) unref() {
 	defer c.mu.Unlock()
 	c.refs--
 	if c.refs == 0 && c.file != nil {
+		for _, o := range c.old {
+			_ = o.Close()
+		}
 		_ = c.file.Close()
 	}
 }
@@ -315,11 +397,11 @@ func (b *body) Read(p []byte) (int, error) {
 			return 0, fmt.Errorf("flight: %w", err)
 		}
 		c.mu.Lock()
-		size, done, ferr, wake := c.size, c.done, c.err, c.wake
+		size, done, ferr, wake, file := c.size, c.done, c.err, c.wake, c.file
 		c.mu.Unlock()
 		if b.off < size {
 			p = p[:min(int64(len(p)), size-b.off)]
-			n, err := c.file.ReadAt(p, b.off)
+			n, err := file.ReadAt(p, b.off)
 			b.off += int64(n)
 			if n > 0 {
 				return n, nil

@@ -12,6 +12,7 @@ type metrics struct {
 	waiters   prometheus.Gauge
 	takeovers prometheus.Counter
 	unleased  prometheus.Counter
+	relayed   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -36,9 +37,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_flight_unleased_total",
 			Help: "Fetches started without a cross-replica lease because Redis was unreachable (degraded).",
 		}),
+		relayed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_flight_relayed_total",
+			Help: "Flights streamed from the replica holding the lease instead of waiting for its commit.",
+		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.fetches, m.dedup, m.waiters, m.takeovers, m.unleased} {
+		for _, c := range []prometheus.Collector{m.fetches, m.dedup, m.waiters, m.takeovers, m.unleased, m.relayed} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("register flight metrics: %w", err)
 			}

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -51,8 +52,9 @@ return 0`),
 
 // Do is Local.Do with a lease across replicas; see Redis.
 func (r *Redis) Do(ctx context.Context, key string, job Job) (Result, error) {
-	return r.local.do(ctx, key, job, func(ctx context.Context) (bool, func(), error) {
-		return r.lease(ctx, key, job)
+	relayOK := !noRelay(ctx)
+	return r.local.do(ctx, key, job, func(ctx context.Context, relay bool) (gateResult, error) {
+		return r.lease(ctx, key, job, relay && relayOK)
 	})
 }
 
@@ -60,57 +62,80 @@ func (r *Redis) Do(ctx context.Context, key string, job Job) (Result, error) {
 // or ctx ends; see Local.Drain.
 func (r *Redis) Drain(ctx context.Context) error { return r.local.Drain(ctx) }
 
-// lease takes the lease for key, or waits until another replica commits.
-func (r *Redis) lease(ctx context.Context, key string, job Job) (elsewhere bool, release func(), err error) {
+// lease takes the lease for key, or waits until another replica commits;
+// with relay, it streams from the holder instead when the holder advertises
+// an address.
+func (r *Redis) lease(ctx context.Context, key string, job Job, relay bool) (gateResult, error) {
 	lk := r.cfg.prefix + key
 	log := r.cfg.log.With("key", key)
 	tok := make([]byte, 16)
 	_, _ = rand.Read(tok)
 	token := hex.EncodeToString(tok)
+	value := token
+	if r.cfg.advertise != "" {
+		value += " " + r.cfg.advertise
+	}
 	delay, contended := r.cfg.pollMin, false
 	for {
 		if h := r.cfg.health; h != nil && !h.Up() {
 			r.local.m.unleased.Inc()
 			log.Debug("redis down: fetching without a lease")
-			return false, nil, nil
+			return gateResult{}, nil
 		}
 		sctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
-		ok, err := r.client.SetNX(sctx, lk, token, r.cfg.leaseTTL).Result()
+		ok, err := r.client.SetNX(sctx, lk, value, r.cfg.leaseTTL).Result()
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
-				return false, nil, fmt.Errorf("flight %s: lease: %w", key, ctx.Err())
+				return gateResult{}, fmt.Errorf("flight %s: lease: %w", key, ctx.Err())
 			}
 			if h := r.cfg.health; h != nil {
 				h.Report(err)
 			}
 			r.local.m.unleased.Inc()
 			log.Warn("flight lease unavailable, fetching without it", "err", err)
-			return false, nil, nil
+			return gateResult{}, nil
 		}
 		if ok {
 			if committed(ctx, job) {
-				r.release(lk, token, log)
-				return true, nil, nil
+				r.release(lk, value, log)
+				return gateResult{elsewhere: true}, nil
 			}
 			if contended {
 				r.local.m.takeovers.Inc()
 				log.Info("flight lease taken over")
 			}
-			stop := r.keep(ctx, lk, token, log)
-			return false, func() { stop(); r.release(lk, token, log) }, nil
+			stop := r.keep(ctx, lk, value, log)
+			return gateResult{release: func() { stop(); r.release(lk, value, log) }}, nil
+		}
+		if relay && !contended {
+			if from := r.holder(ctx, lk); from != "" && from != r.cfg.advertise {
+				return gateResult{relayFrom: from}, nil
+			}
 		}
 		contended = true
 		select {
 		case <-ctx.Done():
-			return false, nil, fmt.Errorf("flight %s: waiting on lease: %w", key, ctx.Err())
+			return gateResult{}, fmt.Errorf("flight %s: waiting on lease: %w", key, ctx.Err())
 		case <-time.After(delay):
 		}
 		delay = min(2*delay, r.cfg.pollMax)
 		if committed(ctx, job) {
-			return true, nil, nil
+			return gateResult{elsewhere: true}, nil
 		}
 	}
+}
+
+// holder returns the advertised address of the replica holding lease lk, or "".
+func (r *Redis) holder(ctx context.Context, lk string) string {
+	sctx, cancel := context.WithTimeout(ctx, redisCallTimeout)
+	defer cancel()
+	v, err := r.client.Get(sctx, lk).Result()
+	if err != nil {
+		return ""
+	}
+	_, from, _ := strings.Cut(v, " ")
+	return from
 }
 
 func committed(ctx context.Context, job Job) bool {

@@ -214,6 +214,9 @@ type CacheOptions struct {
 	DataDir string
 	// Args are extra command-line flags.
 	Args []string
+	// NoAdvertise leaves out --advertise-url (by default each replica
+	// advertises its own URL, as the chart's do).
+	NoAdvertise bool
 }
 
 // ShoalCache is a running `shoal cache` process owned by one test.
@@ -244,6 +247,9 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 		"--data-dir", c.DataDir,
 		"--log-level", "debug",
 		"--shutdown-grace", "2s",
+	}
+	if !o.NoAdvertise {
+		args = append(args, "--advertise-url", c.URL())
 	}
 	for _, u := range o.Upstreams {
 		args = append(args, "--upstream", u)
