@@ -725,7 +725,7 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	c, err := cache.New(ctx, cache.Config{
 		ReplicaClient: &http.Client{Transport: token.RoundTripper(cache.ReplicaTransport())},
-		Driver: driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
+		Driver:        driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
 		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,
 		Logger: log.With("component", "cache"), Registerer: reg,
 	})

@@ -63,12 +63,12 @@ type Result struct {
 type Option func(*config)
 
 type config struct {
-	log      *slog.Logger
-	reg      prometheus.Registerer
-	timeout  time.Duration
-	leaseTTL time.Duration
-	pollMin  time.Duration
-	pollMax  time.Duration
+	log       *slog.Logger
+	reg       prometheus.Registerer
+	timeout   time.Duration
+	leaseTTL  time.Duration
+	pollMin   time.Duration
+	pollMax   time.Duration
 	prefix    string
 	health    Health
 	advertise string

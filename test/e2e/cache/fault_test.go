@@ -3,8 +3,8 @@ package cache_e2e
 import (
 	"bytes"
 	"context"
-	"io"
 	"fmt"
+	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
