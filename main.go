@@ -220,6 +220,12 @@ func withOps(h http.Handler, ops http.Handler) http.Handler {
 	})
 }
 
+// listener is one more HTTP server a daemon runs beside its main one.
+type listener struct {
+	addr string
+	h    http.Handler
+}
+
 // recoverPanics turns a panic in h into an error log line, a count and a
 // 500 (when nothing was written yet). http.ErrAbortHandler, the deliberate
 // way to cut a response short, passes through untouched.
@@ -332,7 +338,7 @@ func startDaemon(stderr io.Writer, level string) (*slog.Logger, context.Context,
 // endpoints on metricsAddr until ctx ends; then it stops the background work
 // and waits for it (runErr) before returning.
 func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, grace time.Duration, addr, metricsAddr string,
-	h http.Handler, reg *prometheus.Registry, ready func() error, runErr <-chan error) error {
+	h http.Handler, reg *prometheus.Registry, ready func() error, runErr <-chan error, extra ...listener) error {
 	ops := opsHandler(reg, ready)
 	panics := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "shoal_panics_total", Help: "Panics recovered while serving a request (each one is logged at error level).",
@@ -341,6 +347,9 @@ func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, g
 		return fmt.Errorf("register metrics: %w", err)
 	}
 	servers := []*http.Server{newServer(addr, withOps(recoverPanics(h, log, panics), ops), log)}
+	for _, l := range extra {
+		servers = append(servers, newServer(l.addr, recoverPanics(l.h, log, panics), log))
+	}
 	if metricsAddr != "" {
 		servers = append(servers, newServer(metricsAddr, ops, log))
 	}
@@ -372,8 +381,9 @@ func runNode(args []string, stderr io.Writer) error {
 		ctrdConfig      = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
 		ctrdPoll        = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
 		layoutDir       = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
-		registryAddr    = f.String("registry-addr", ":5000", "address of the registry (mirror) HTTP server")
-		advertise       = f.String("advertise-addr", "", "host:port peers use to reach this node's registry (default: the registry port on the node's DHT address)")
+		registryAddr    = f.String("registry-addr", "127.0.0.1:5000", "address of the registry (mirror) HTTP server that this node's containerd uses; keep it on loopback so that no pod can read the node's content through it")
+		peerAddr        = f.String("peer-addr", ":5002", "address of the peer HTTP server that other nodes fetch from; with --psk-file every request must carry a credential derived from the PSK; empty serves peers on the registry port (no separation)")
+		advertise       = f.String("advertise-addr", "", "host:port peers use to reach this node's peer server (default: the --peer-addr port, else the --registry-addr port, on the node's DHT address)")
 		routerAddr      = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
 		metricsAddr     = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
 		dataDir         = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
@@ -430,17 +440,25 @@ func runNode(args []string, stderr io.Writer) error {
 	if cfg.CacheTransport, err = cacheTransport(*cacheCA, *cacheToken); err != nil {
 		return err
 	}
+	var psk []byte
+	if *pskFile != "" {
+		if psk, err = auth.LoadPSK(*pskFile); err != nil {
+			return fmt.Errorf("--psk-file: %w", err)
+		}
+		cfg.PeerKey = auth.NewPeerKey(psk)
+	}
 	var router *dht.Router
 	if *routerAddr != "" {
-		var psk []byte
-		if *pskFile != "" {
-			if psk, err = auth.LoadPSK(*pskFile); err != nil {
-				return fmt.Errorf("--psk-file: %w", err)
-			}
-		}
 		regAddr := *advertise
-		if regAddr == "" {
+		switch {
+		case regAddr != "":
+		case *peerAddr != "":
+			regAddr = *peerAddr
+		default:
 			regAddr = *registryAddr
+		}
+		if *peerAddr != "" && psk == nil {
+			log.Warn("the peer port is not authenticated: any pod that reaches it can read this node's content; set --psk-file", "peer_addr", *peerAddr)
 		}
 		router, err = dht.New(ctx, dht.Config{
 			ListenAddr: *routerAddr, DataDir: *dataDir, PSK: psk, BootstrapPeers: bootstrap,
@@ -467,8 +485,13 @@ func runNode(args []string, stderr io.Writer) error {
 		}
 		return nil
 	}
-	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "cache", *cacheURL != "")
-	return runDaemon(ctx, stop, log, *grace, *registryAddr, *metricsAddr, nd, reg, ready, runErr)
+	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "peer", *peerAddr,
+		"peer_auth", !cfg.PeerKey.Empty(), "cache", *cacheURL != "")
+	var extra []listener
+	if *peerAddr != "" {
+		extra = append(extra, listener{addr: *peerAddr, h: nd.PeerHandler()})
+	}
+	return runDaemon(ctx, stop, log, *grace, *registryAddr, *metricsAddr, nd, reg, ready, runErr, extra...)
 }
 
 // cacheTransport carries the node's requests to the cache tier: no HTTP

@@ -15,6 +15,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/shoal-oci/shoal/auth"
 	"github.com/shoal-oci/shoal/node/routing"
 )
 
@@ -304,5 +305,57 @@ func TestPeerTags_OnlyWhenTrusted(t *testing.T) {
 				t.Fatalf("manifest by digest from a peer: %d", resp.StatusCode)
 			}
 		})
+	}
+}
+
+// The peer port serves only requests signed with the cluster's key; a node
+// with the key pulls through it, an unsigned client or a node with another
+// key gets nothing (401 on the port; a cluster-wide miss for the node).
+func TestPeerPort_OnlyAuthenticatedPeers(t *testing.T) {
+	blob := randomBytes(t, 256<<10)
+	key := auth.NewPeerKey(bytes.Repeat([]byte{7}, 32))
+	wrong := auth.NewPeerKey(bytes.Repeat([]byte{8}, 32))
+	holder, err := New(Config{Store: newMemStore(), PeerKey: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := holder.cfg.Store.(*memStore).add(blob, "")
+	peerSrv := httptest.NewServer(holder.PeerHandler())
+	defer peerSrv.Close()
+	for _, tc := range []struct {
+		name string
+		key  auth.PeerKey
+		ok   bool
+	}{{"same_key", key, true}, {"other_key", wrong, false}, {"no_key", auth.PeerKey{}, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, err := New(Config{Store: newMemStore(), PeerKey: tc.key,
+				Router: &fixedRouter{peers: []routing.Peer{{ID: "holder", Addr: peerSrv.URL}}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := httptest.NewServer(n)
+			defer srv.Close()
+			resp, body := get(t, "GET", srv.URL+"/v2/x/blobs/"+d.String())
+			if tc.ok {
+				if resp.StatusCode != 200 || !bytes.Equal(body, blob) {
+					t.Fatalf("authenticated pull: %d", resp.StatusCode)
+				}
+				return
+			}
+			wantOCIError(t, resp, body, 404, "BLOB_UNKNOWN")
+		})
+	}
+	resp, body := get(t, "GET", peerSrv.URL+"/v2/x/blobs/"+d.String())
+	wantOCIError(t, resp, body, 401, "UNAUTHORIZED")
+	// The peer port never relays onward, even for a signed request.
+	req, _ := http.NewRequest("GET", peerSrv.URL+"/v2/x/blobs/"+digest.FromString("elsewhere").String(), nil)
+	key.Sign(req, time.Now())
+	r2, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2.Body.Close()
+	if r2.StatusCode != 404 {
+		t.Fatalf("signed request for content the holder lacks: %d, want 404", r2.StatusCode)
 	}
 }

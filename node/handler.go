@@ -95,10 +95,24 @@ func newTransport(dial time.Duration) *http.Transport {
 	}
 }
 
-// ServeHTTP serves the registry API: /v2/, manifests and blobs.
+// ServeHTTP serves the registry API (/v2/, manifests and blobs) to this
+// node's containerd: local content, then peers, then the cache tier.
 func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	n.handle(w, r, r.Header.Get(PeerHeader) != "")
+}
+
+// PeerHandler serves other nodes: this node's own content only, never a
+// relay onward. With a PeerKey every request must carry a valid credential
+// (auth.PeerHeader), or it is refused with 401.
+func (n *Node) PeerHandler() http.Handler {
+	return n.cfg.PeerKey.Middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n.handle(w, r, true)
+	}), nil)
+}
+
+func (n *Node) handle(w http.ResponseWriter, r *http.Request, fromPeer bool) {
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-	if err := n.serve(w, r); err != nil {
+	if err := n.serve(w, r, fromPeer); err != nil {
 		var oe *oci.Error
 		if !errors.As(err, &oe) || oe.Status >= 500 {
 			n.cfg.Logger.WarnContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -107,7 +121,7 @@ func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (n *Node) serve(w http.ResponseWriter, r *http.Request) error {
+func (n *Node) serve(w http.ResponseWriter, r *http.Request, fromPeer bool) error {
 	rt, err := oci.ParseRoute(r)
 	if err != nil {
 		return err
@@ -124,7 +138,6 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request) error {
 	if n.allowed != nil && !n.allowed[rt.Registry] {
 		return oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not mirrored by this node", rt.Registry)
 	}
-	fromPeer := r.Header.Get(PeerHeader) != ""
 	kind := kindLabel(rt)
 	var src string
 	if rt.Tag != "" {

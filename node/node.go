@@ -14,6 +14,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/shoal-oci/shoal/auth"
 	"github.com/shoal-oci/shoal/node/routing"
 	"github.com/shoal-oci/shoal/node/store"
 )
@@ -75,6 +76,9 @@ type Config struct {
 	// bytes for this long; a peer's transfer then resumes elsewhere.
 	// Default 10s.
 	IdleTimeout time.Duration
+	// PeerKey signs this node's requests to peers and, on PeerHandler,
+	// checks theirs. The zero PeerKey signs and checks nothing.
+	PeerKey auth.PeerKey
 	// TrustPeerTags lets peers answer tag requests when the cache tier
 	// cannot. Set it only inside a PSK network: any DHT member can answer
 	// a tag with an image of its own choosing.

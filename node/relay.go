@@ -237,6 +237,7 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 	}
 	if t.peer != nil {
 		req.Header.Set(PeerHeader, "1")
+		n.cfg.PeerKey.Sign(req, time.Now())
 	}
 	if rng != "" && rt.Kind == oci.KindBlob {
 		req.Header.Set("Range", rng)

@@ -172,3 +172,36 @@ func slowloris(addr string, limit time.Duration) error {
 	}
 	return nil
 }
+
+// TestPeerPortRefusesUnauthenticated: a node's content is open only to its
+// own containerd (the loopback registry port) and to nodes holding the PSK
+// (the peer port). A client without the credential gets 401 UNAUTHORIZED on
+// the peer port, for manifests and blobs alike, while B, a node with the
+// PSK, pulls the same content from A through that port.
+func TestPeerPortRefusesUnauthenticated(t *testing.T) {
+	sites := startSites(t, harness.ContainerdV2, harness.ContainerdV2)
+	a, b := sites[0], sites[1]
+	img := harness.RandomImage(t, 1, 4<<10)
+	importImage(t, a.ctrd, img, "docker.io/library/private:v1")
+	m, _, ls := imageDigests(t, img)
+	eventually(t, 10*time.Second, "B sees A's image", func() error {
+		return headManifest(b, "library/private", "v1", m.String())
+	})
+	for _, path := range []string{
+		"/v2/library/private/manifests/" + m.String() + "?ns=docker.io",
+		"/v2/library/private/blobs/" + ls[0].String() + "?ns=docker.io",
+		"/v2/library/private/manifests/v1?ns=docker.io",
+	} {
+		resp, body, err := rawRequest(a.shoal.PeerAddr, "GET", path)
+		if err != nil {
+			t.Fatalf("GET %s on the peer port: %v", path, err)
+		}
+		if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(string(body), `"UNAUTHORIZED"`) {
+			t.Fatalf("unauthenticated GET %s on the peer port: %d %s; want 401 UNAUTHORIZED", path, resp.StatusCode, body)
+		}
+	}
+	resp, body, err := rawRequest(b.shoal.RegistryAddr, "GET", "/v2/library/private/blobs/"+ls[0].String()+"?ns=docker.io")
+	if err != nil || resp.StatusCode != http.StatusOK || int64(len(body)) != resp.ContentLength || len(body) < 4<<10 {
+		t.Fatalf("B relaying A's layer: %v %v %d bytes", err, resp, len(body))
+	}
+}

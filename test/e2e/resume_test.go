@@ -129,7 +129,7 @@ func killMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.
 	var serving *harness.ShoalNode
 	eventually(t, 5*time.Second, "find the serving peer", func() error {
 		for _, n := range holders {
-			backed, err := sendQueued(n.RegistryAddr)
+			backed, err := sendQueued(n.PeerAddr)
 			if err != nil {
 				return err
 			}

@@ -64,6 +64,7 @@ type NodeOptions struct {
 type ShoalNode struct {
 	*Proc
 	RegistryAddr string // 127.0.0.1:P
+	PeerAddr     string // 127.0.0.1:R, where other nodes fetch; empty with NoRouter
 	RouterAddr   string // 127.0.0.1:Q, empty with NoRouter
 	DataDir      string
 }
@@ -93,10 +94,12 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 	}
 	if !o.NoRouter {
 		n.RouterAddr = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+		n.PeerAddr = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
 	}
 	args := []string{"node",
 		"--registry-addr", n.RegistryAddr,
 		"--router-addr", n.RouterAddr,
+		"--peer-addr", n.PeerAddr,
 		"--metrics-addr", n.MetricsAddr,
 		"--data-dir", n.DataDir,
 		"--provider-ttl", o.ProviderTTL.String(),
