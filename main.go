@@ -584,6 +584,7 @@ func runCache(args []string, stderr io.Writer) error {
 		redisURL        = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
 		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
 		reserve         = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
+		clientShare     = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
 		maxSize         = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
 		advertiseURL    = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
 		tokenFile       = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
@@ -696,7 +697,10 @@ func runCache(args []string, stderr io.Writer) error {
 		go redisHealth.Run(ctx)
 		state = budget.NewFallbackState(budget.NewRedisState(rdb, "shoal:budget:"), state, redisHealth)
 	}
-	bud := budget.New(state, budget.WithReserve(*reserve), budget.WithLogger(log.With("component", "budget")))
+	if *clientShare <= 0 || *clientShare > 1 {
+		return fmt.Errorf("--budget-client-share %v: want a share in (0, 1]", *clientShare)
+	}
+	bud := budget.New(state, budget.WithReserve(*reserve), budget.WithClientShare(*clientShare), budget.WithLogger(log.With("component", "budget")))
 	if err := reg.Register(bud.Collector()); err != nil {
 		return err
 	}

@@ -44,8 +44,14 @@ func (c *clock) add(d time.Duration) {
 
 func newFixture(t *testing.T, hubOpts []hub.Option, mutate func(*cache.Config)) *fixture {
 	t.Helper()
+	return newFixtureBudget(t, hubOpts, budget.New(budget.NewMemoryState(), budget.WithReserve(2)), mutate)
+}
+
+// newFixtureBudget is newFixture with the budget that both the cache and its
+// upstream client use.
+func newFixtureBudget(t *testing.T, hubOpts []hub.Option, bud *budget.Budget, mutate func(*cache.Config)) *fixture {
+	t.Helper()
 	h := hub.Start(t, hubOpts...)
-	bud := budget.New(budget.NewMemoryState(), budget.WithReserve(2))
 	up, err := upstream.New(upstream.Config{Registries: map[string]upstream.Registry{
 		h.Host(): {Host: h.Host(), Endpoint: h.URL(), Insecure: true},
 	}}, upstream.WithObserver(bud))

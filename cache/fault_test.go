@@ -2,14 +2,18 @@ package cache_test
 
 import (
 	"bytes"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/shoal-oci/shoal/cache"
 	"github.com/shoal-oci/shoal/test/hub"
+	"github.com/shoal-oci/shoal/upstream/budget"
 )
 
 // An upstream that streams blobs without Content-Length (chunked, or
@@ -132,5 +136,53 @@ func TestUpstreamStalledBody_FailsFastThenRecovers(t *testing.T) {
 	resp2, body := f.get(t, "GET", "/v2/library/app/blobs/"+ld.String())
 	if resp2.StatusCode != 200 || !bytes.Equal(body, want) {
 		t.Fatalf("pull after the stall: %d, %d bytes", resp2.StatusCode, len(body))
+	}
+}
+
+// One client (node) cannot spend more than its share of the window's counted
+// pulls: past it, it gets 429 with a message that says why, while another
+// client still pulls.
+func TestBudgetClientShare_NoClientDrainsTheBudget(t *testing.T) {
+	f := newFixtureBudget(t, []hub.Option{hub.WithAnonymousLimit(20)},
+		budget.New(budget.NewMemoryState(), budget.WithReserve(0), budget.WithClientShare(0.2)), nil)
+	client := func(ip string) *http.Client {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+		return &http.Client{Transport: &http.Transport{DialContext: d.DialContext}}
+	}
+	pull := func(c *http.Client, tag string) (*http.Response, string) {
+		req, _ := http.NewRequest("GET", f.srv.URL+"/v2/library/app/manifests/"+tag+"?ns="+f.ns, nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp, string(b)
+	}
+	a, b := client("127.0.0.1"), client("127.0.0.2")
+	refusedAt := 0
+	for i := 1; i <= 8; i++ {
+		tag := fmt.Sprintf("a%d", i)
+		f.hub.Push(t, "library/app", tag, hub.Image(t, 1000, 1))
+		resp, body := pull(a, tag)
+		if resp.StatusCode == 429 {
+			if !strings.Contains(body, "this client (node)") || resp.Header.Get("Retry-After") == "" {
+				t.Fatalf("429 without a reason or Retry-After: %s", body)
+			}
+			refusedAt = i
+			break
+		}
+		if resp.StatusCode != 200 {
+			t.Fatalf("pull %d: %d %s", i, resp.StatusCode, body)
+		}
+	}
+	// A share of 0.2 of 20 is 4 counted pulls (the free HEAD before the
+	// first GET already told the limit): the fifth is refused.
+	if refusedAt != 5 {
+		t.Fatalf("client A refused at pull %d, want 5", refusedAt)
+	}
+	f.hub.Push(t, "library/app", "b1", hub.Image(t, 1000, 1))
+	if resp, body := pull(b, "b1"); resp.StatusCode != 200 {
+		t.Fatalf("client B after A's share is spent: %d %s", resp.StatusCode, body)
 	}
 }

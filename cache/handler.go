@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net"
 	"net/url"
 	"os"
 	"strconv"
@@ -79,6 +80,9 @@ func (c *Cache) serve(w http.ResponseWriter, r *http.Request) (result, kind stri
 	if r.Header.Get(ReplicaHeader) != "" {
 		// Another replica relays this request: answer it here, never relay on.
 		r = r.WithContext(flight.NoRelay(r.Context()))
+	} else if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		// Counted pulls are charged to the client (node) that caused them.
+		r = r.WithContext(budget.WithClient(r.Context(), host))
 	}
 	if rt.Kind == oci.KindBase {
 		w.Header().Set("Content-Type", "application/json")
@@ -650,6 +654,14 @@ func (c *Cache) upstreamError(err error, what string) error {
 	var ex *budget.ExhaustedError
 	var ue *upstream.Error
 	switch {
+	case errors.As(err, &ex) && ex.Reason == budget.ClientShareReason:
+		e := oci.Errorf(http.StatusTooManyRequests, oci.CodeTooManyRequests,
+			"%s is not cached and this client (node) has caused %d of the %d counted pulls of %s it may cause in this window (the rest of the budget is kept for other nodes); retry later",
+			what, ex.ClientUsed, ex.ClientLimit, ex.Upstream)
+		if ex.RetryAfter > 0 {
+			e.Header = http.Header{"Retry-After": {strconv.Itoa(int(ex.RetryAfter.Seconds()) + 1)}}
+		}
+		return e.Wrap(err)
 	case errors.As(err, &ex):
 		e := oci.Errorf(http.StatusTooManyRequests, oci.CodeTooManyRequests,
 			"%s is not cached and the upstream pull budget of %s is spent (%s); retry later", what, ex.Upstream, ex.Reason)

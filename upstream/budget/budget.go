@@ -26,11 +26,15 @@ var ErrExhausted = errors.New("upstream rate-limit budget exhausted")
 // ExhaustedError is returned by Allow when a counted request must not be made.
 type ExhaustedError struct {
 	Upstream, Account string
-	// Reason is "throttled" (after a 429), "exhausted" (nothing remains) or
-	// "reserve" (only the cold-pull reserve remains).
+	// Reason is "throttled" (after a 429), "exhausted" (nothing remains),
+	// "reserve" (only the cold-pull reserve remains) or ClientShareReason
+	// (this client used its share of the window).
 	Reason string
 	// RetryAfter is when the budget is expected to allow again; 0 if unknown.
 	RetryAfter time.Duration
+	// ClientUsed and ClientLimit are set when Reason is ClientShareReason:
+	// the counted requests this client caused in the window, and its cap.
+	ClientUsed, ClientLimit int
 }
 
 // Error implements error.
@@ -58,6 +62,7 @@ const (
 type Budget struct {
 	state   State
 	reserve int
+	share   float64
 	tau     time.Duration
 	now     func() time.Time
 	log     *slog.Logger
@@ -69,6 +74,12 @@ type Option func(*Budget)
 // WithReserve keeps the last n counted requests of every window for cold
 // pulls (content the cache has never held).
 func WithReserve(n int) Option { return func(b *Budget) { b.reserve = max(n, 0) } }
+
+// WithClientShare caps the counted requests one client (node) may cause in
+// a window at share of the window's limit (rounded up, at least 1), so that
+// no client drains the budget for the rest. 0 or >= 1 disables the cap. The
+// client comes from the context (WithClient).
+func WithClientShare(share float64) Option { return func(b *Budget) { b.share = share } }
 
 // WithRateWindow sets the time constant of the consumption-rate estimate
 // used to project exhaustion (default 10 minutes).
@@ -216,6 +227,49 @@ func isCold(ctx context.Context) bool {
 	return c
 }
 
+// clientKey carries the client (node) a counted request is made for.
+type clientKey struct{}
+
+// WithClient records in ctx which client (a node's address) a counted
+// request is made for; Take charges it against its share.
+func WithClient(ctx context.Context, client string) context.Context {
+	return context.WithValue(ctx, clientKey{}, client)
+}
+
+func clientOf(ctx context.Context) string {
+	c, _ := ctx.Value(clientKey{}).(string)
+	return c
+}
+
+// ClientShareReason is the ExhaustedError reason when one client used its
+// share of the window.
+const ClientShareReason = "client-share"
+
+// checkClient refuses a client that has used its share of the window, and
+// otherwise charges it. It restarts the per-client counts every window.
+func (b *Budget) checkClient(r *Record, now time.Time, upstream, account, client string) error {
+	if client == "" || b.share <= 0 || b.share >= 1 || r.Limit <= 0 {
+		return nil
+	}
+	window := r.Window
+	if window <= 0 {
+		window = defaultTTL
+	}
+	if r.ClientsSince.IsZero() || !now.Before(r.ClientsSince.Add(window)) {
+		r.Clients, r.ClientsSince = nil, now
+	}
+	limit := max(1, int(math.Ceil(b.share*float64(r.Limit))))
+	if r.Clients[client] >= limit {
+		return &ExhaustedError{Upstream: upstream, Account: account, Reason: ClientShareReason,
+			RetryAfter: r.ClientsSince.Add(window).Sub(now), ClientUsed: r.Clients[client], ClientLimit: limit}
+	}
+	if r.Clients == nil {
+		r.Clients = map[string]int{}
+	}
+	r.Clients[client]++
+	return nil
+}
+
 // Take decides and records one counted request in a single atomic update
 // of the state, so that replicas sharing it cannot all pass the check
 // before any of them spends (check-then-act overshoots into the reserve).
@@ -224,11 +278,14 @@ func isCold(ctx context.Context) bool {
 // every manifest GET. If the state cannot be written, Take logs and allows:
 // the upstream's own 429 is the backstop.
 func (b *Budget) Take(ctx context.Context, upstream, account string) error {
-	cold := isCold(ctx)
+	cold, client := isCold(ctx), clientOf(ctx)
 	var refusal error
 	_, err := b.state.Update(ctx, Key{Upstream: upstream, Account: account}, func(r *Record) time.Duration {
 		now := b.now()
 		refusal = b.check(r, now, upstream, account, cold)
+		if refusal == nil {
+			refusal = b.checkClient(r, now, upstream, account, client)
+		}
 		if refusal == nil {
 			b.spend(r, now)
 		}

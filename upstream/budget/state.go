@@ -2,6 +2,7 @@ package budget
 
 import (
 	"context"
+	"maps"
 	"sort"
 	"sync"
 	"time"
@@ -35,6 +36,10 @@ type Record struct {
 	// second, as of RateAt.
 	Rate   float64   `json:"rate"`
 	RateAt time.Time `json:"rateAt"`
+	// Clients counts the counted requests each client (node) caused since
+	// ClientsSince; it restarts every window.
+	Clients      map[string]int `json:"clients,omitempty"`
+	ClientsSince time.Time      `json:"clientsSince"`
 }
 
 // State stores budget records. Implementations must apply Update atomically
@@ -71,7 +76,9 @@ func (s *MemoryState) get(key Key, now time.Time) Record {
 		delete(s.m, key)
 		return Record{Key: key}
 	}
-	return e.r
+	r := e.r
+	r.Clients = maps.Clone(r.Clients) // callers own what they get
+	return r
 }
 
 // Load implements State.

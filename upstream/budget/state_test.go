@@ -2,6 +2,7 @@ package budget
 
 import (
 	"context"
+	"maps"
 	"sync"
 	"testing"
 	"time"
@@ -46,7 +47,7 @@ func TestStateConformance(t *testing.T) {
 				s := newState(t)
 				k := Key{Upstream: "docker.io", Account: "anonymous"}
 				r, err := s.Load(context.Background(), k)
-				if err != nil || r != (Record{Key: k}) {
+				if err != nil || !recordEqual(r, Record{Key: k}) {
 					t.Fatalf("Load = %+v, %v; want zero record", r, err)
 				}
 			})
@@ -56,9 +57,11 @@ func TestStateConformance(t *testing.T) {
 				k := Key{Upstream: "ghcr.io", Account: "user/with:odd chars"}
 				now := time.Now().Round(0).Truncate(time.Millisecond)
 				want := Record{Key: k, Limit: 100, Remaining: 7, Window: time.Hour, ResetAt: now.Add(time.Hour),
-					ObservedAt: now, BlockedUntil: now.Add(time.Minute), Spent: 3, Throttled: 1, Rate: 0.5, RateAt: now}
+					ObservedAt: now, BlockedUntil: now.Add(time.Minute), Spent: 3, Throttled: 1, Rate: 0.5, RateAt: now,
+					Clients: map[string]int{"10.0.0.1": 2, "10.0.0.2": 1}, ClientsSince: now}
 				got, err := s.Update(ctx, k, func(r *Record) time.Duration {
 					*r = want
+					r.Clients = maps.Clone(want.Clients)
 					r.Key = Key{} // the key is the state's business
 					return time.Minute
 				})
@@ -136,5 +139,6 @@ func mustUpdate(t *testing.T, s State, k Key, fn func(*Record) time.Duration) {
 func recordEqual(a, b Record) bool {
 	return a.Key == b.Key && a.Limit == b.Limit && a.Remaining == b.Remaining && a.Window == b.Window &&
 		a.ResetAt.Equal(b.ResetAt) && a.ObservedAt.Equal(b.ObservedAt) && a.BlockedUntil.Equal(b.BlockedUntil) &&
-		a.Spent == b.Spent && a.Throttled == b.Throttled && a.Rate == b.Rate && a.RateAt.Equal(b.RateAt)
+		a.Spent == b.Spent && a.Throttled == b.Throttled && a.Rate == b.Rate && a.RateAt.Equal(b.RateAt) &&
+		maps.Equal(a.Clients, b.Clients) && a.ClientsSince.Equal(b.ClientsSince)
 }
