@@ -2,16 +2,23 @@ package cache_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/opencontainers/go-digest"
+
 	"github.com/shoal-oci/shoal/cache"
+	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/test/harness"
 	"github.com/shoal-oci/shoal/test/hub"
 	"github.com/shoal-oci/shoal/upstream/budget"
 )
@@ -184,5 +191,63 @@ func TestBudgetClientShare_NoClientDrainsTheBudget(t *testing.T) {
 	f.hub.Push(t, "library/app", "b1", hub.Image(t, 1000, 1))
 	if resp, body := pull(b, "b1"); resp.StatusCode != 200 {
 		t.Fatalf("client B after A's share is spent: %d %s", resp.StatusCode, body)
+	}
+}
+
+// When the spool's disk has no room for a blob, the pull still completes,
+// byte-identical, straight from upstream (not cached), and is counted; a
+// blob that fits is cached as usual.
+func TestDiskFull_BlobServedStraightFromUpstream(t *testing.T) {
+	harness.RequireRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", dir).CombinedOutput(); err != nil {
+		harness.Missing(t, "mount a tmpfs for the disk-full case: %v %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+	fl, err := flight.NewLocal(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = fl.Drain(ctx)
+	})
+	f := newFixture(t, nil, func(c *cache.Config) { c.Flight = fl })
+	img := hub.Image(t, 20<<20, 1) // 2×20 MiB + the margin does not fit 100 MiB
+	small := hub.Image(t, 1<<20, 1)
+	f.hub.Push(t, "library/big", "v1", img)
+	f.hub.Push(t, "library/small", "v1", small)
+	blob := func(img v1.Image) (digest.Digest, []byte) {
+		ls, _ := img.Layers()
+		d, _ := ls[0].Digest()
+		rc, _ := ls[0].Compressed()
+		b, _ := io.ReadAll(rc)
+		return hub.DigestOf(d), b
+	}
+	bd, bb := blob(img)
+	for i := range 2 {
+		resp, body := f.get(t, "GET", "/v2/library/big/blobs/"+bd.String())
+		if resp.StatusCode != 200 || !bytes.Equal(body, bb) {
+			t.Fatalf("pull %d of a blob that does not fit: %d, %d bytes", i, resp.StatusCode, len(body))
+		}
+	}
+	// Not cached (each pull went upstream), and at most one aborted GET
+	// (the fetch that found no room) beside each pass-through.
+	if n := f.hub.BlobGETs(bd); n < 2 || n > 4 {
+		t.Errorf("upstream GETs for 2 pulls with the disk full = %d, want 2 to 4", n)
+	}
+	sd, sb := blob(small)
+	for range 2 {
+		resp, body := f.get(t, "GET", "/v2/library/small/blobs/"+sd.String())
+		if resp.StatusCode != 200 || !bytes.Equal(body, sb) {
+			t.Fatalf("small blob: %d", resp.StatusCode)
+		}
+	}
+	if n := f.hub.BlobGETs(sd); n != 1 {
+		t.Errorf("a blob that fits was fetched %d times, want 1 (cached)", n)
+	}
+	if err := f.c.Ready(context.Background()); err != nil {
+		t.Errorf("not ready with the spool disk full: %v", err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-oci/shoal/cache/flight"
 	"github.com/shoal-oci/shoal/oci"
@@ -417,6 +418,9 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 		},
 	}
 	res, err := c.cfg.Flight.Do(ctx, "blob:"+q.Digest.String(), job)
+	if errors.Is(err, flight.ErrNoSpace) {
+		return resultMiss, c.passthrough(w, r, q)
+	}
 	if err != nil {
 		return "", c.upstreamError(err, "blob "+q.Digest.String())
 	}
@@ -431,7 +435,61 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 		return resultHit, c.serveStoredBlob(w, r, q.Digest, desc.Size)
 	}
 	defer res.Body.Close()
-	return resultMiss, c.streamBlob(w, r, q, res.Body)
+	err = c.streamBlob(w, r, q, res.Body)
+	if errors.Is(err, flight.ErrNoSpace) {
+		// Nothing was written yet: the fetch learned before its first byte
+		// that the blob does not fit the disk.
+		return resultMiss, c.passthrough(w, r, q)
+	}
+	return resultMiss, err
+}
+
+// passthrough serves a blob straight from upstream, verified but not
+// cached, when the spool's disk has no room for it: the pull completes,
+// at the cost of an upstream GET per request until space is freed.
+func (c *Cache) passthrough(w http.ResponseWriter, r *http.Request, q req) error {
+	ctx := r.Context()
+	c.metrics.passthrough.Inc()
+	c.cfg.Logger.ErrorContext(ctx, "cache storage full: serving the blob straight from upstream, not cached; free space or lower --max-size",
+		"digest", q.Digest)
+	rc, size, err := c.cfg.Upstream.GetBlob(ctx, q.Registry, q.repo, q.Digest, 0)
+	if err != nil {
+		return c.upstreamError(err, "blob "+q.Digest.String())
+	}
+	body := oci.NewIdleReader(rc, c.cfg.UpstreamIdleTimeout)
+	defer body.Close()
+	vr, err := oci.NewVerifyingReader(body, q.Digest, size)
+	if err != nil {
+		return err
+	}
+	return c.streamBlob(w, r, q, directBody{Reader: &countingReader{r: vr, n: c.metrics.upstreamBytes}, size: size})
+}
+
+// directBody is an upstream body in the shape streamBlob reads.
+type directBody struct {
+	io.Reader
+	size int64
+}
+
+func (directBody) Close() error                          { return nil }
+func (d directBody) Size(context.Context) (int64, error) { return d.size, nil }
+func (d directBody) FinalSize(context.Context) (int64, error) {
+	if d.size < 0 {
+		return 0, oci.Errorf(http.StatusServiceUnavailable, oci.CodeUnavailable, "cache storage is full and the upstream sends this blob without a length; a range of it cannot be served now")
+	}
+	return d.size, nil
+}
+
+// countingReader adds what it reads to a counter.
+type countingReader struct {
+	r io.Reader
+	n prometheus.Counter
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(float64(k))
+	return k, err
 }
 
 // ReplicaHeader marks a request one replica relays to another.

@@ -14,6 +14,7 @@ type metrics struct {
 	upstreamBytes prometheus.Counter
 	storage       prometheus.Gauge
 	evicted       prometheus.Counter
+	passthrough   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -42,6 +43,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_cache_evicted_blobs_total",
 			Help: "Blobs removed to keep storage under --max-size.",
 		}),
+		passthrough: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_cache_passthrough_total",
+			Help: "Blobs served straight from upstream without caching, because the spool's disk had no room (each one is logged at error level).",
+		}),
 		pulls: newBoundedCounter(prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_cache_image_pulls_total",
 			Help: "Tag resolutions (image pulls) by registry and repository; past 500 repositories, new ones count as repository=\"other\".",
@@ -56,7 +61,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{"rate_limited", "unavailable", "timeout"} {
 		m.stale.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.pulls.vec, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted} {
+	for _, c := range []prometheus.Collector{m.requests, m.pulls.vec, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted, m.passthrough} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -56,7 +57,9 @@ type call struct {
 	done  bool
 	err   error
 	wake  chan struct{} // closed and replaced whenever size or done changes
-	refs  int           // attached callers, plus one for the running flight
+	// nospace: the announced size does not fit the disk; writes fail.
+	nospace bool
+	refs    int // attached callers, plus one for the running flight
 }
 
 // NewLocal returns a Local that spools fetches into files under spoolDir,
@@ -158,7 +161,7 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 		if res.relayFrom != "" {
 			close(c.ready)
 			l.m.relayed.Inc()
-			rerr := job.Relay(ctx, spool{c}, res.relayFrom)
+			rerr := job.Relay(ctx, spool{c, l.dir}, res.relayFrom)
 			if rerr == nil {
 				// The holder commits; this replica only passed the bytes on.
 				c.finish(nil)
@@ -208,7 +211,7 @@ func (l *Local) run(ctx context.Context, key string, c *call, job Job, g gate) {
 		close(c.ready)
 	}
 
-	if err := fetch(ctx, spool{c}); err != nil {
+	if err := fetch(ctx, spool{c, l.dir}); err != nil {
 		// Forget before readers see the error, so that a caller who retries
 		// starts a new flight rather than joining this failed one.
 		err = fmt.Errorf("flight %s: fetch: %w", key, err)
@@ -338,8 +341,30 @@ func (c *call) finish(err error) {
 
 var errFinished = errors.New("flight: write after fetch returned")
 
+// ErrNoSpace fails a flight whose content does not fit the spool's disk.
+// It comes before the first byte when the size is announced (SetSize), so a
+// caller can still serve the content another way (straight from upstream).
+var ErrNoSpace = errors.New("flight: no space left for the spool")
+
+// spoolMargin is the free space a spool must leave on its disk.
+const spoolMargin = 64 << 20
+
+// hasSpace reports whether n more bytes fit in dir: the spool and, when
+// storage shares the disk, the committed copy (2n), plus a margin.
+func hasSpace(dir string, n int64) bool {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return true // cannot tell: let the writes decide
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	return free >= 2*n+spoolMargin
+}
+
 // spool is the io.Writer that Fetch writes into.
-type spool struct{ c *call }
+type spool struct {
+	c   *call
+	dir string
+}
 
 func (s spool) Write(p []byte) (int, error) {
 	c := s.c
@@ -348,11 +373,17 @@ func (s spool) Write(p []byte) (int, error) {
 	if c.done {
 		return 0, errFinished
 	}
+	if c.nospace {
+		return 0, ErrNoSpace
+	}
 	n, err := c.file.Write(p)
 	if n > 0 {
 		c.size += int64(n)
 		close(c.wake)
 		c.wake = make(chan struct{})
+	}
+	if errors.Is(err, syscall.ENOSPC) {
+		return n, fmt.Errorf("write spool: %w: %w", ErrNoSpace, err)
 	}
 	if err != nil {
 		return n, fmt.Errorf("write spool: %w", err)
@@ -368,6 +399,12 @@ func (s spool) SetSize(n int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.done || c.total >= 0 {
+		return
+	}
+	if n > 0 && c.size == 0 && !hasSpace(s.dir, n) {
+		// Say nothing of the size: readers then learn of ErrNoSpace before
+		// any header goes out.
+		c.nospace = true
 		return
 	}
 	c.total = n
