@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -243,5 +244,77 @@ func TestWaitingReplica_StreamsFromLeaseHolder(t *testing.T) {
 	}
 	if v := r2.metric(t, "shoal_flight_relayed_total"); v != 1 {
 		t.Errorf("r2 shoal_flight_relayed_total = %v, want 1", v)
+	}
+}
+
+// TestReplicaStoppedMidFetch_PullsComplete: the replica that holds a blob's
+// lease is frozen (SIGSTOP) mid-fetch while another replica relays it to its
+// client. The relay stalls, the idle timeout ends it, the lease expires
+// (nothing renews it), the other replica takes over, and its client gets
+// the whole blob on the same response.
+func TestReplicaStoppedMidFetch_PullsComplete(t *testing.T) {
+	h := hub.Start(t)
+	img := harness.RandomImage(t, 1, 2<<20)
+	h.Push(t, "library/app", "v1", img)
+	layers, _ := img.Layers()
+	lh, _ := layers[0].Digest()
+	ld := hub.DigestOf(lh)
+	want := imageContent(t, img)[ld]
+	rd := harness.StartRedisServer(t)
+	shared := filepath.Join(t.TempDir(), "registry")
+	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL, "--upstream-idle-timeout", "2s"}
+	r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
+	r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
+	h.SetBandwidth(256 << 10)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	blobURL := func(c *cacheProc) string { return nsURL(c.url(), "/v2/library/app/blobs/"+ld.String(), h.Host()) }
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r1), nil)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	eventually(t, 10*time.Second, "r1 fetching upstream", func() error {
+		if h.BlobGETs(ld) < 1 {
+			return fmt.Errorf("no upstream GET yet")
+		}
+		return nil
+	})
+	type result struct {
+		b   []byte
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r2), nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			second <- result{nil, err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		second <- result{b, err}
+	}()
+	eventually(t, 10*time.Second, "r2 relaying r1's fetch", func() error {
+		if v := r2.metric(t, "shoal_flight_relayed_total"); v < 1 {
+			return fmt.Errorf("r2 not relaying yet")
+		}
+		return nil
+	})
+	if err := syscall.Kill(r1.PID(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(r1.PID(), syscall.SIGCONT) })
+	h.SetBandwidth(0)
+	res := <-second
+	if res.err != nil || !bytes.Equal(res.b, want) {
+		t.Fatalf("client of r2 with r1 frozen: %d bytes, %v; want the whole blob", len(res.b), res.err)
+	}
+	if n := r2.metric(t, "shoal_flight_lease_takeovers_total"); n < 1 {
+		t.Fatalf("r2 reports %v lease takeovers", n)
 	}
 }
