@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -111,6 +112,14 @@ func waitAdvertised(t *testing.T, nodes ...*harness.ShoalNode) {
 // returns the node it killed.
 func killMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.ShoalNode, repo, dgst string) *harness.ShoalNode {
 	t.Helper()
+	return faultMidTransfer(t, relay, holders, repo, dgst, bigLayerSize, "killing", (*harness.ShoalNode).Kill)
+}
+
+// faultMidTransfer is killMidTransfer with another fault (and blob size):
+// fault is applied to the serving holder once its socket backs up.
+func faultMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.ShoalNode, repo, dgst string, size int64,
+	what string, fault func(*harness.ShoalNode)) *harness.ShoalNode {
+	t.Helper()
 	resp, err := http.Get(relay.URL() + "/v2/" + repo + "/blobs/" + dgst + "?ns=docker.io")
 	if err != nil {
 		t.Fatal(err)
@@ -119,8 +128,8 @@ func killMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET blob on %s: %s", relay.Name, resp.Status)
 	}
-	if cl := resp.ContentLength; cl != bigLayerSize {
-		t.Fatalf("Content-Length %d, want %d", cl, bigLayerSize)
+	if cl := resp.ContentLength; cl != size {
+		t.Fatalf("Content-Length %d, want %d", cl, size)
 	}
 	h := sha256.New()
 	if _, err := io.CopyN(h, resp.Body, 16<<20); err != nil {
@@ -140,12 +149,12 @@ func killMidTransfer(t *testing.T, relay *harness.ShoalNode, holders []*harness.
 		}
 		return fmt.Errorf("no holder has bytes queued to %s", relay.Name)
 	})
-	t.Logf("%s relays from %s; killing it", relay.Name, serving.Name)
-	serving.Kill()
+	t.Logf("%s relays from %s; %s it", relay.Name, serving.Name, what)
+	fault(serving)
 
 	n, err := io.Copy(h, resp.Body)
 	if err != nil {
-		t.Fatalf("rest of the blob after the kill: %v (read %d more bytes)", err, n)
+		t.Fatalf("rest of the blob after %s the holder: %v (read %d more bytes)", what, err, n)
 	}
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != dgst {
 		t.Fatalf("relayed blob hashes to %s, want %s", got, dgst)
@@ -207,4 +216,38 @@ func sendQueued(addr string) (bool, error) {
 		}
 	}
 	return false, sc.Err()
+}
+
+// A peer that stalls mid-transfer (SIGSTOP: its socket stays open, nothing
+// more arrives) costs the pull one idle timeout: the relay resumes on the
+// other holder, byte-identical, on the same response.
+func TestPeerStoppedMidTransfer(t *testing.T) {
+	bin := requireShoal(t)
+	const size = 64 << 20
+	layer := bigLayer(t, size)
+	img := harness.ImageWithLayers(t, layer)
+	holdersDir := t.TempDir()
+	harness.WriteOCILayoutDir(t, holdersDir, img, "docker.io/library/big:v1")
+	a := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Name: "A", LayoutDir: holdersDir})
+	c := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Name: "C", LayoutDir: holdersDir, BootstrapPeers: []string{a.RouterAddr}})
+	otherDir := t.TempDir()
+	harness.WriteOCILayoutDir(t, otherDir, harness.RandomImage(t, 1, 1<<10), "docker.io/library/other:v1")
+	b := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Name: "B", LayoutDir: otherDir,
+		BootstrapPeers: []string{a.RouterAddr, c.RouterAddr}, Args: []string{"--relay-idle-timeout", "1s"}})
+	holders := []*harness.ShoalNode{a, c}
+	waitAdvertised(t, holders...)
+	ld, err := layer.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := faultMidTransfer(t, b, holders, "library/big", ld.String(), size, "stopping", func(n *harness.ShoalNode) {
+		if err := syscall.Kill(n.PID(), syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = syscall.Kill(n.PID(), syscall.SIGCONT) })
+	})
+	if v := b.Metric(t, "shoal_node_resumed_transfers_total"); v < 1 {
+		t.Errorf("shoal_node_resumed_transfers_total on B = %v, want >= 1", v)
+	}
+	t.Logf("%s stalled; the transfer resumed elsewhere", stopped.Name)
 }
