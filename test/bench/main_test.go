@@ -32,7 +32,7 @@ func TestMain(m *testing.M) {
 			defer os.RemoveAll(dir)
 			// The build the node image ships (/shoal-node): no object-storage
 			// SDKs. The cache benchmarks use filesystem storage, which it has.
-			shoalBin, buildErr = harness.BuildShoal(dir, "-tags", "nocloud")
+			shoalBin, buildErr = harness.BuildShoal(dir, "-race=false", "-tags", "nocloud")
 		}
 	}
 	code := m.Run()

@@ -394,12 +394,8 @@ func shoalBinary(t *testing.T) string {
 			shoalErr = err
 			return
 		}
-		shoalPath = filepath.Join(dir, "shoal")
-		cmd := exec.Command("go", "build", "-o", shoalPath, ".")
-		cmd.Dir = "../.."
-		if b, err := cmd.CombinedOutput(); err != nil {
-			shoalErr = fmt.Errorf("go build: %w\n%s", err, b)
-		}
+		// With -race when the tests have it: the dashboards test runs it as a daemon.
+		shoalPath, shoalErr = harness.BuildShoal(dir)
 	})
 	if shoalErr != nil {
 		t.Fatal(shoalErr)

@@ -33,11 +33,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		os.Exit(1)
 	}
-	var flags []string
-	if os.Getenv("SHOAL_E2E_RACE") == "1" {
-		flags = append(flags, "-race")
-	}
-	shoalBin, buildErr = harness.BuildShoal(dir, flags...)
+	shoalBin, buildErr = harness.BuildShoal(dir) // with -race when the tests have it
 	code := m.Run()
 	_ = os.RemoveAll(dir)
 	os.Exit(code)
@@ -226,8 +222,8 @@ func requestErr(method, url string, hdr ...string) (*http.Response, []byte, erro
 	return harness.RequestErr(method, url, hdr...)
 }
 
-// requireNoPanic fails if any node logged a panic or (with SHOAL_E2E_RACE=1)
-// a data race.
+// requireNoPanic fails if any node logged a panic or a data race (the
+// daemons are built with -race when the tests are).
 func requireNoPanic(t *testing.T, sites ...*site) {
 	t.Helper()
 	for _, s := range sites {

@@ -66,6 +66,9 @@ func (p *Proc) start(t testing.TB, bin string, args []string) {
 	}()
 	t.Cleanup(func() {
 		p.Stop()
+		if strings.Contains(p.Log(), "WARNING: DATA RACE") {
+			t.Errorf("shoal %s %s reported a data race", p.Kind, p.Name)
+		}
 		if t.Failed() {
 			p.dumpLog(t)
 		}

@@ -16,11 +16,17 @@ import (
 const ShoalPackage = "github.com/shoal-oci/shoal"
 
 // BuildShoal builds the shoal binary into dir and returns its path. It is
-// meant for TestMain, so that a test package builds the binary once. Extra
-// go build flags (for example "-race") come from buildFlags.
+// meant for TestMain, so that a test package builds the binary once. When
+// the tests run with -race, so does the binary (a later "-race=false" in
+// buildFlags turns that off, for benchmarks). Extra go build flags come from
+// buildFlags.
 func BuildShoal(dir string, buildFlags ...string) (string, error) {
 	out := filepath.Join(dir, "shoal")
-	args := append([]string{"build"}, buildFlags...)
+	args := []string{"build"}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	args = append(args, buildFlags...)
 	args = append(args, "-o", out, ShoalPackage)
 	cmd := exec.Command("go", args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
