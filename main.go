@@ -401,7 +401,7 @@ func runNode(args []string, stderr io.Writer) error {
 		registries      listFlag
 	)
 	f.Var(&bootstrap, "bootstrap-peers", "peers to join: multiaddrs (with or without /p2p/<id>), host:port, or DNS names such as a headless Service (re-resolved periodically); repeatable or comma-separated")
-	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others are refused (default: docker.io, ghcr.io, quay.io, registry.k8s.io, gcr.io)")
+	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others get 404 so containerd moves on (default: empty, every registry)")
 	if err := f.parse(args); err != nil {
 		return err
 	}
