@@ -38,6 +38,7 @@ import (
 	"github.com/shoal-oci/shoal/cache"
 	"github.com/shoal-oci/shoal/cache/flight"
 	"github.com/shoal-oci/shoal/cache/health"
+	"github.com/shoal-oci/shoal/cache/recency"
 	"github.com/shoal-oci/shoal/node"
 	"github.com/shoal-oci/shoal/node/mirror"
 	"github.com/shoal-oci/shoal/node/routing/dht"
@@ -750,7 +751,14 @@ func runCache(args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("--client-token-file: %w", err)
 	}
+	var share cache.EvictShare
+	if rdb != nil {
+		rs := recency.NewRedis(rdb, "shoal:evict:", redisHealth, log.With("component", "recency"))
+		go rs.Run(ctx)
+		share = rs
+	}
 	c, err := cache.New(ctx, cache.Config{
+		EvictShare:    share,
 		ReplicaClient: &http.Client{Transport: token.RoundTripper(cache.ReplicaTransport())},
 		Driver:        driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
 		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,

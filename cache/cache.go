@@ -74,6 +74,9 @@ type Config struct {
 	ReplicaClient *http.Client
 	// MaxSize bounds the stored blobs in bytes; 0 means unbounded.
 	MaxSize int64
+	// EvictShare shares recency and the eviction pass across replicas on
+	// shared storage (*recency.Redis). Nil: this replica's view only.
+	EvictShare EvictShare
 	// EvictInterval is how often the size bound is enforced. Default 1m.
 	EvictInterval time.Duration
 	// DrainTimeout bounds how long Run waits, once its context ends, for
@@ -147,7 +150,7 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 		regs[r] = true
 	}
 	c := &Cache{cfg: cfg, store: st, registries: regs, metrics: m}
-	c.evict = newEvictor(st, cfg.MaxSize, cfg.Logger, m, cfg.Now)
+	c.evict = newEvictor(st, cfg.MaxSize, cfg.Logger, m, cfg.Now, cfg.EvictShare)
 	return c, nil
 }
 

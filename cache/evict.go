@@ -25,17 +25,36 @@ const evictGrace = 2 * time.Minute
 // removed; when only referenced blobs remain, the least recently used
 // manifest goes first, and with it whatever only it referenced.
 type evictor struct {
-	st   *store
-	max  int64
-	log  *slog.Logger
-	m    *metrics
-	now  func() time.Time
-	mu   sync.Mutex
-	used map[digest.Digest]time.Time
+	st    *store
+	max   int64
+	log   *slog.Logger
+	m     *metrics
+	now   func() time.Time
+	share EvictShare // nil: this replica's view only
+	mu    sync.Mutex
+	used  map[digest.Digest]time.Time
 }
 
-func newEvictor(st *store, max int64, log *slog.Logger, m *metrics, now func() time.Time) *evictor {
-	return &evictor{st: st, max: max, log: log, m: m, now: now, used: map[digest.Digest]time.Time{}}
+// EvictShare is what replicas on shared storage share for eviction: when
+// each digest was last used, by any replica, and a lock so that one pass
+// runs at a time. *recency.Redis implements it.
+type EvictShare interface {
+	// Touch records a use; it must not block.
+	Touch(d digest.Digest, t time.Time)
+	// LastUse returns the latest recorded use of each of ds.
+	LastUse(ctx context.Context, ds []digest.Digest) (map[digest.Digest]time.Time, error)
+	// Forget drops the records of evicted digests.
+	Forget(ctx context.Context, ds ...digest.Digest) error
+	// TryLock takes the eviction lock for ttl; ok is false while another
+	// replica holds it. An error with ok means: run alone (degraded).
+	TryLock(ctx context.Context, ttl time.Duration) (unlock func(), ok bool, err error)
+}
+
+// evictLockTTL bounds a pass's hold on the cross-replica lock.
+const evictLockTTL = 10 * time.Minute
+
+func newEvictor(st *store, max int64, log *slog.Logger, m *metrics, now func() time.Time, share EvictShare) *evictor {
+	return &evictor{st: st, max: max, log: log, m: m, now: now, share: share, used: map[digest.Digest]time.Time{}}
 }
 
 // touch records that d (a blob or manifest) was served.
@@ -43,9 +62,44 @@ func (e *evictor) touch(d digest.Digest) {
 	if e.max <= 0 {
 		return
 	}
+	now := e.now()
 	e.mu.Lock()
-	e.used[d] = e.now()
+	e.used[d] = now
 	e.mu.Unlock()
+	if e.share != nil {
+		e.share.Touch(d, now)
+	}
+}
+
+// shared raises each known use to the latest any replica recorded. If the
+// share cannot be read, the pass goes on with this replica's view.
+func (e *evictor) shared(ctx context.Context, blobs map[digest.Digest]cachedBlob, manifests []cachedManifest) {
+	if e.share == nil {
+		return
+	}
+	ds := make([]digest.Digest, 0, len(blobs)+len(manifests))
+	for d := range blobs {
+		ds = append(ds, d)
+	}
+	for _, m := range manifests {
+		ds = append(ds, m.d)
+	}
+	uses, err := e.share.LastUse(ctx, ds)
+	if err != nil {
+		e.log.WarnContext(ctx, "eviction: other replicas' recency unavailable; using this replica's", "err", err)
+		return
+	}
+	for d, b := range blobs {
+		if t, ok := uses[d]; ok && t.After(b.used) {
+			b.used = t
+			blobs[d] = b
+		}
+	}
+	for i, m := range manifests {
+		if t, ok := uses[m.d]; ok && t.After(m.used) {
+			manifests[i].used = t
+		}
+	}
 }
 
 func (e *evictor) lastUse(d digest.Digest, fallback time.Time) time.Time {
@@ -69,8 +123,19 @@ type cachedBlob struct {
 	used time.Time
 }
 
-// run is one eviction pass.
+// run is one eviction pass; with a share, one at a time across replicas.
 func (e *evictor) run(ctx context.Context) error {
+	if e.share != nil && e.max > 0 {
+		unlock, ok, err := e.share.TryLock(ctx, evictLockTTL)
+		if err != nil {
+			e.log.WarnContext(ctx, "eviction lock unavailable; this replica runs its pass alone", "err", err)
+		}
+		if !ok {
+			e.log.DebugContext(ctx, "another replica runs the eviction pass")
+			return nil
+		}
+		defer unlock()
+	}
 	blobs, total, err := e.blobs(ctx)
 	if err != nil {
 		return err
@@ -83,6 +148,7 @@ func (e *evictor) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	e.shared(ctx, blobs, manifests)
 	now := e.now()
 	for total > e.max {
 		refs := map[digest.Digest]bool{}
@@ -227,6 +293,9 @@ func (e *evictor) removeBlob(ctx context.Context, d digest.Digest) error {
 	}
 	e.m.evicted.Inc()
 	e.log.InfoContext(ctx, "evicted blob", "digest", d)
+	if e.share != nil {
+		_ = e.share.Forget(ctx, d)
+	}
 	return nil
 }
 

@@ -251,3 +251,42 @@ func TestPeerStoppedMidTransfer(t *testing.T) {
 	}
 	t.Logf("%s stalled; the transfer resumed elsewhere", stopped.Name)
 }
+
+// containerd 2.4's chunked layer fetch (max_concurrent_downloads 4,
+// concurrent_layer_fetch_buffer 4 MiB) pulls a one-layer 48 MiB image
+// through its node from two holders: every open-ended Range chunk is a 206,
+// containerd closing each chunk's body blames no holder, the chunks spread
+// over both holders, and the pull completes byte-identical. Its retries
+// would otherwise meet cooled-down holders and an unresolvable tag.
+func TestContainerdChunkedFetchThroughShoal(t *testing.T) {
+	bin := requireShoal(t)
+	const size = 48 << 20
+	layer := bigLayer(t, size)
+	img := harness.ImageWithLayers(t, layer)
+	const ref = "docker.io/library/chunked:v1"
+	sites := startSites(t, harness.ContainerdV2, harness.ContainerdV2)
+	a, c := sites[0], sites[1]
+	tarPath := harness.WriteOCILayoutTar(t, img, ref)
+	a.ctrd.Import(t, tarPath)
+	c.ctrd.Import(t, tarPath)
+	waitAdvertised(t, a.shoal, c.shoal)
+
+	bctrd := harness.StartContainerdChunked(t, 4, 4<<20)
+	bnode := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Name: "B", Containerd: bctrd,
+		BootstrapPeers: []string{a.shoal.RouterAddr, c.shoal.RouterAddr}})
+	b := &site{name: "B", ctrd: bctrd, shoal: bnode}
+	configureMirror(t, bin, b)
+	waitMesh(t, []*site{a, b, c})
+
+	pull(t, b, ref)
+	requireContent(t, b, img)
+	if v := bnode.Metric(t, "shoal_node_peer_errors_total"); v != 0 {
+		t.Errorf("B counted %v peer errors: containerd closing its chunks blamed a holder", v)
+	}
+	for _, s := range []*site{a, c} {
+		if v := s.shoal.Metric(t, "shoal_node_served_bytes_total", `source="local"`); v < 4<<20 {
+			t.Errorf("holder %s served %v bytes; the chunks did not spread over both holders", s.name, v)
+		}
+	}
+	requireNoPanic(t, a, b, c)
+}

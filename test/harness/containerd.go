@@ -51,6 +51,8 @@ type Containerd struct {
 
 	dir     string
 	logPath string
+	// downloads and chunk configure chunked layer fetch (v2); 0: off.
+	downloads, chunk int
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -61,8 +63,21 @@ type Containerd struct {
 // stops it and removes them when the test ends. It needs root.
 func StartContainerd(t testing.TB, v ContainerdVersion) *Containerd {
 	t.Helper()
+	return startContainerd(t, &Containerd{Version: v})
+}
+
+// StartContainerdChunked starts a containerd 2 whose pulls split each layer
+// into parallel open-ended Range requests of chunk bytes, downloads at a
+// time (max_concurrent_downloads, concurrent_layer_fetch_buffer).
+func StartContainerdChunked(t testing.TB, downloads, chunk int) *Containerd {
+	t.Helper()
+	return startContainerd(t, &Containerd{Version: ContainerdV2, downloads: downloads, chunk: chunk})
+}
+
+func startContainerd(t testing.TB, c *Containerd) *Containerd {
+	t.Helper()
 	RequireRoot(t)
-	c := &Containerd{Version: v}
+	v := c.Version
 	if v == ContainerdV17 {
 		c.Bin = cachedBinary(t, "SHOAL_CONTAINERD17_BIN", "containerd-v1.7.29", "containerd", "containerd-1.7")
 	} else {
@@ -117,7 +132,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
   address = %q
 [plugins."io.containerd.transfer.v1.local"]
   config_path = %q
-`, c.Root, c.State, c.Socket, c.CertsDir)
+%s`, c.Root, c.State, c.Socket, c.CertsDir, c.chunkConfig())
+}
+
+func (c *Containerd) chunkConfig() string {
+	if c.chunk <= 0 {
+		return ""
+	}
+	return fmt.Sprintf("  max_concurrent_downloads = %d\n  concurrent_layer_fetch_buffer = %d\n", c.downloads, c.chunk)
 }
 
 func (c *Containerd) start(t testing.TB) {

@@ -1,0 +1,213 @@
+// Package recency shares what cache replicas know about when each cached
+// digest was last used, and lets one eviction pass run at a time across
+// them, through Redis. Without it each replica would evict by its own view,
+// and one replica could remove what another is serving.
+package recency
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/redis/go-redis/v9"
+)
+
+// Health says whether Redis is reachable now (*health.Watcher implements it).
+type Health interface {
+	Up() bool
+	Report(err error)
+}
+
+// Redis keeps last-use times in one Redis hash (digest → unix milliseconds)
+// and the eviction lock in one key. Touch only buffers; a loop started by
+// Run writes the buffer every flush interval, so serving never waits on
+// Redis.
+type Redis struct {
+	c      redis.UniversalClient
+	hash   string
+	lock   string
+	health Health
+	log    *slog.Logger
+	flush  time.Duration
+
+	mu      sync.Mutex
+	pending map[digest.Digest]time.Time
+
+	setMax *redis.Script
+	unlock *redis.Script
+}
+
+// NewRedis returns a Redis recency under keys that start with prefix
+// ("shoal:evict:"). health may be nil.
+func NewRedis(c redis.UniversalClient, prefix string, health Health, log *slog.Logger) *Redis {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Redis{
+		c: c, hash: prefix + "recency", lock: prefix + "lock", health: health, log: log, flush: time.Second,
+		pending: map[digest.Digest]time.Time{},
+		// HSET only when newer: replicas' writes race, the latest use wins.
+		setMax: redis.NewScript(`for i = 1, #ARGV, 2 do
+  local cur = redis.call("HGET", KEYS[1], ARGV[i])
+  if not cur or tonumber(cur) < tonumber(ARGV[i+1]) then
+    redis.call("HSET", KEYS[1], ARGV[i], ARGV[i+1])
+  end
+end
+return 0`),
+		unlock: redis.NewScript(`if redis.call("get", KEYS[1]) == ARGV[1] then
+  return redis.call("del", KEYS[1])
+end
+return 0`),
+	}
+}
+
+func (r *Redis) up() bool { return r.health == nil || r.health.Up() }
+
+func (r *Redis) failed(err error) {
+	if r.health != nil {
+		r.health.Report(err)
+	}
+}
+
+// Touch records that d was used at t. It never blocks on Redis.
+func (r *Redis) Touch(d digest.Digest, t time.Time) {
+	r.mu.Lock()
+	if t.After(r.pending[d]) {
+		r.pending[d] = t
+	}
+	r.mu.Unlock()
+}
+
+// Flush writes the buffered uses now. Uses that cannot be written stay
+// buffered for the next try.
+func (r *Redis) Flush(ctx context.Context) error {
+	r.mu.Lock()
+	batch := r.pending
+	r.pending = map[digest.Digest]time.Time{}
+	r.mu.Unlock()
+	if len(batch) == 0 {
+		return nil
+	}
+	if !r.up() {
+		r.requeue(batch)
+		return fmt.Errorf("recency: redis down")
+	}
+	args := make([]any, 0, 2*len(batch))
+	for d, t := range batch {
+		args = append(args, d.String(), t.UnixMilli())
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := r.setMax.Run(cctx, r.c, []string{r.hash}, args...).Err(); err != nil {
+		r.requeue(batch)
+		r.failed(err)
+		return fmt.Errorf("recency: flush: %w", err)
+	}
+	return nil
+}
+
+func (r *Redis) requeue(batch map[digest.Digest]time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for d, t := range batch {
+		if t.After(r.pending[d]) {
+			r.pending[d] = t
+		}
+	}
+}
+
+// Run flushes every second until ctx ends, then once more.
+func (r *Redis) Run(ctx context.Context) {
+	t := time.NewTicker(r.flush)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			fctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_ = r.Flush(fctx)
+			cancel()
+			return
+		case <-t.C:
+			if err := r.Flush(ctx); err != nil && ctx.Err() == nil {
+				r.log.Debug("recency flush deferred", "err", err)
+			}
+		}
+	}
+}
+
+// LastUse returns the latest use every replica recorded for each of ds
+// (absent: never recorded). It flushes this replica's buffer first.
+func (r *Redis) LastUse(ctx context.Context, ds []digest.Digest) (map[digest.Digest]time.Time, error) {
+	if err := r.Flush(ctx); err != nil {
+		return nil, err
+	}
+	out := make(map[digest.Digest]time.Time, len(ds))
+	for start := 0; start < len(ds); start += 500 {
+		part := ds[start:min(start+500, len(ds))]
+		fields := make([]string, len(part))
+		for i, d := range part {
+			fields[i] = d.String()
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		vals, err := r.c.HMGet(cctx, r.hash, fields...).Result()
+		cancel()
+		if err != nil {
+			r.failed(err)
+			return nil, fmt.Errorf("recency: read: %w", err)
+		}
+		for i, v := range vals {
+			s, ok := v.(string)
+			if !ok {
+				continue
+			}
+			if ms, err := strconv.ParseInt(s, 10, 64); err == nil {
+				out[part[i]] = time.UnixMilli(ms)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Forget drops the records of evicted digests.
+func (r *Redis) Forget(ctx context.Context, ds ...digest.Digest) error {
+	if len(ds) == 0 {
+		return nil
+	}
+	fields := make([]string, len(ds))
+	for i, d := range ds {
+		fields[i] = d.String()
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	return r.c.HDel(cctx, r.hash, fields...).Err()
+}
+
+// TryLock takes the cluster-wide eviction lock for ttl. ok is false while
+// another replica holds it. If Redis cannot be reached it returns ok with
+// an error: the caller may run its pass alone (degraded).
+func (r *Redis) TryLock(ctx context.Context, ttl time.Duration) (unlock func(), ok bool, err error) {
+	tok := make([]byte, 16)
+	_, _ = rand.Read(tok)
+	token := hex.EncodeToString(tok)
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	got, err := r.c.SetNX(cctx, r.lock, token, ttl).Result()
+	cancel()
+	if err != nil {
+		r.failed(err)
+		return func() {}, true, fmt.Errorf("recency: lock: %w", err)
+	}
+	if !got {
+		return nil, false, nil
+	}
+	return func() {
+		uctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = r.unlock.Run(uctx, r.c, []string{r.lock}, token).Err()
+	}, true, nil
+}
