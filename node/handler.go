@@ -113,6 +113,10 @@ func (n *Node) PeerHandler() http.Handler {
 func (n *Node) handle(w http.ResponseWriter, r *http.Request, fromPeer bool) {
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 	if err := n.serve(w, r, fromPeer); err != nil {
+		if errors.Is(err, errClientGone) {
+			n.cfg.Logger.DebugContext(r.Context(), "client closed the response early", "path", r.URL.Path)
+			return
+		}
 		var oe *oci.Error
 		if !errors.As(err, &oe) || oe.Status >= 500 {
 			n.cfg.Logger.WarnContext(r.Context(), "request failed", "method", r.Method, "path", r.URL.Path, "err", err)

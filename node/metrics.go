@@ -11,6 +11,7 @@ type metrics struct {
 	hedges     prometheus.Counter
 	resumes    prometheus.Counter
 	aborts     prometheus.Counter
+	closed     prometheus.Counter
 	peerErrors prometheus.Counter
 	keys       prometheus.Gauge
 }
@@ -42,9 +43,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_node_aborted_transfers_total",
 			Help: "Relayed transfers cut off because no source could finish them or the bytes did not match the digest.",
 		}),
+		closed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_client_closed_transfers_total",
+			Help: "Relayed transfers the client closed before their end (containerd's chunked fetch closes each chunk); no source is blamed.",
+		}),
 		peerErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "shoal_node_peer_errors_total",
-			Help: "Peer requests that failed (connection, timeout, 5xx); the peer is skipped for a cool-down.",
+			Help: "Peer answers that failed or were unusable (connection, timeout, error status, bad framing, wrong range or digest); the peer is skipped for a cool-down.",
 		}),
 		keys: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "shoal_node_advertised_keys",
@@ -60,7 +65,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.bytes.WithLabelValues(src)
 		}
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.peerErrors, m.keys} {
+	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.closed, m.peerErrors, m.keys} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

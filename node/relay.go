@@ -24,6 +24,10 @@ import (
 // errNoSource means no target had the content; the caller tries the next tier.
 var errNoSource = errors.New("no source holds the content")
 
+// errClientGone means the client closed the connection before the end of
+// the body: normal for containerd's chunked fetch, and nobody's fault.
+var errClientGone = errors.New("client went away")
+
 // errAborted means the response was already under way when a source failed
 // for good; nothing more can be written to the client.
 var errAborted = errors.New("response aborted after headers were sent")
@@ -471,7 +475,8 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		}
 		if c.writeErr != nil || n.clientGone(ctx, err) {
 			a.done(nil) // the client left: says nothing about the source
-			return fmt.Errorf("%w: client went away: %v", errAborted, err)
+			n.metrics.closed.Inc()
+			return fmt.Errorf("%w: %w: %v", errAborted, errClientGone, err)
 		}
 		a.done(err)
 		n.cfg.Logger.InfoContext(ctx, "source broke mid-stream, resuming elsewhere", "digest", rt.Digest, "offset", s.start+c.n, "err", err)

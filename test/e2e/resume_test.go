@@ -280,6 +280,11 @@ func TestContainerdChunkedFetchThroughShoal(t *testing.T) {
 
 	pull(t, b, ref)
 	requireContent(t, b, img)
+	// containerd fetched in chunks and closed each one: proof the chunked
+	// fetch ran, and that those closes were not taken for broken peers.
+	if v := bnode.Metric(t, "shoal_node_client_closed_transfers_total"); v < 1 {
+		t.Errorf("B saw %v chunk closes: containerd's chunked fetch did not run", v)
+	}
 	if v := bnode.Metric(t, "shoal_node_peer_errors_total"); v != 0 {
 		t.Errorf("B counted %v peer errors: containerd closing its chunks blamed a holder", v)
 	}
