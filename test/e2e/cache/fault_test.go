@@ -1,14 +1,11 @@
 package cache_e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -178,143 +175,4 @@ func TestCacheKilledMidFetch_RestartCleansSpoolAndServes(t *testing.T) {
 		t.Fatalf("spool files left after restart: %v", left)
 	}
 	pullAll(t, c2, h, "library/app", "v1", want)
-}
-
-// TestWaitingReplica_StreamsFromLeaseHolder: while r1 holds the lease and
-// fetches a slow blob, a client of r2 gets its headers and bytes as they
-// arrive (r2 relays from r1), not silence until r1 commits: a node's
-// header timeout never turns the wait into a 404. Upstream sees one GET.
-func TestWaitingReplica_StreamsFromLeaseHolder(t *testing.T) {
-	h := hub.Start(t)
-	img := harness.RandomImage(t, 1, 2<<20)
-	h.Push(t, "library/app", "v1", img)
-	layers, _ := img.Layers()
-	lh, _ := layers[0].Digest()
-	ld := hub.DigestOf(lh)
-	want := imageContent(t, img)[ld]
-	rd := harness.StartRedisServer(t)
-	shared := filepath.Join(t.TempDir(), "registry")
-	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL}
-	r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
-	r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
-	h.SetBandwidth(256 << 10) // ~8s for the layer
-
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	blobURL := func(c *cacheProc) string { return nsURL(c.url(), "/v2/library/app/blobs/"+ld.String(), h.Host()) }
-	firstDone := make(chan error, 1)
-	go func() {
-		req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r1), nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			_, err = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-		firstDone <- err
-	}()
-	eventually(t, 10*time.Second, "r1 fetching upstream", func() error {
-		if h.BlobGETs(ld) < 1 {
-			return fmt.Errorf("no upstream GET yet")
-		}
-		return nil
-	})
-	req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r2), nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("GET through r2: %v", err)
-	}
-	defer resp.Body.Close()
-	select {
-	case err := <-firstDone:
-		t.Fatalf("r2 sent its headers only after r1's fetch ended (%v): it waited in silence", err)
-	default:
-	}
-	if resp.StatusCode != 200 || resp.ContentLength != int64(len(want)) {
-		t.Fatalf("r2: status %d, Content-Length %d; want 200 and %d", resp.StatusCode, resp.ContentLength, len(want))
-	}
-	got, err := io.ReadAll(resp.Body)
-	if err != nil || !bytes.Equal(got, want) {
-		t.Fatalf("r2 body: %d bytes, %v; want the blob", len(got), err)
-	}
-	if err := <-firstDone; err != nil {
-		t.Fatalf("r1's client: %v", err)
-	}
-	if n := h.BlobGETs(ld); n != 1 {
-		t.Errorf("upstream GETs of the blob = %d, want 1", n)
-	}
-	if v := r2.metric(t, "shoal_flight_relayed_total"); v != 1 {
-		t.Errorf("r2 shoal_flight_relayed_total = %v, want 1", v)
-	}
-}
-
-// TestReplicaStoppedMidFetch_PullsComplete: the replica that holds a blob's
-// lease is frozen (SIGSTOP) mid-fetch while another replica relays it to its
-// client. The relay stalls, the idle timeout ends it, the lease expires
-// (nothing renews it), the other replica takes over, and its client gets
-// the whole blob on the same response.
-func TestReplicaStoppedMidFetch_PullsComplete(t *testing.T) {
-	h := hub.Start(t)
-	img := harness.RandomImage(t, 1, 2<<20)
-	h.Push(t, "library/app", "v1", img)
-	layers, _ := img.Layers()
-	lh, _ := layers[0].Digest()
-	ld := hub.DigestOf(lh)
-	want := imageContent(t, img)[ld]
-	rd := harness.StartRedisServer(t)
-	shared := filepath.Join(t.TempDir(), "registry")
-	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL, "--upstream-idle-timeout", "2s"}
-	r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
-	r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
-	h.SetBandwidth(256 << 10)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	blobURL := func(c *cacheProc) string { return nsURL(c.url(), "/v2/library/app/blobs/"+ld.String(), h.Host()) }
-	go func() {
-		req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r1), nil)
-		if resp, err := http.DefaultClient.Do(req); err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-	}()
-	eventually(t, 10*time.Second, "r1 fetching upstream", func() error {
-		if h.BlobGETs(ld) < 1 {
-			return fmt.Errorf("no upstream GET yet")
-		}
-		return nil
-	})
-	type result struct {
-		b   []byte
-		err error
-	}
-	second := make(chan result, 1)
-	go func() {
-		req, _ := http.NewRequestWithContext(ctx, "GET", blobURL(r2), nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			second <- result{nil, err}
-			return
-		}
-		defer resp.Body.Close()
-		b, err := io.ReadAll(resp.Body)
-		second <- result{b, err}
-	}()
-	eventually(t, 10*time.Second, "r2 relaying r1's fetch", func() error {
-		if v := r2.metric(t, "shoal_flight_relayed_total"); v < 1 {
-			return fmt.Errorf("r2 not relaying yet")
-		}
-		return nil
-	})
-	if err := syscall.Kill(r1.PID(), syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(r1.PID(), syscall.SIGCONT) })
-	h.SetBandwidth(0)
-	res := <-second
-	if res.err != nil || !bytes.Equal(res.b, want) {
-		t.Fatalf("client of r2 with r1 frozen: %d bytes, %v; want the whole blob", len(res.b), res.err)
-	}
-	if n := r2.metric(t, "shoal_flight_lease_takeovers_total"); n < 1 {
-		t.Fatalf("r2 reports %v lease takeovers", n)
-	}
 }
