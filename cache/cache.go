@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/distribution/distribution/v3/registry/storage"
 	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
@@ -159,20 +160,54 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 // already received is not lost when the process exits.
 func (c *Cache) Run(ctx context.Context) error {
 	defer c.drain()
-	if c.cfg.MaxSize <= 0 {
-		<-ctx.Done()
-		return nil
+	purge := time.NewTicker(time.Hour)
+	defer purge.Stop()
+	c.PurgeUploads(ctx)
+	var evict <-chan time.Time
+	if c.cfg.MaxSize > 0 {
+		t := time.NewTicker(c.cfg.EvictInterval)
+		defer t.Stop()
+		evict = t.C
+		c.runEviction(ctx)
 	}
-	t := time.NewTicker(c.cfg.EvictInterval)
-	defer t.Stop()
 	for {
-		if err := c.evict.run(ctx); err != nil && ctx.Err() == nil {
-			c.cfg.Logger.WarnContext(ctx, "eviction failed", "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-evict:
+			c.runEviction(ctx)
+		case <-purge.C:
+			c.PurgeUploads(ctx)
+		}
+	}
+}
+
+func (c *Cache) runEviction(ctx context.Context) {
+	if err := c.evict.run(ctx); err != nil && ctx.Err() == nil {
+		c.cfg.Logger.WarnContext(ctx, "eviction failed", "err", err)
+	}
+}
+
+// uploadPurgeAge is how old an unfinished storage upload must be before it
+// is removed: a commit takes seconds, so an hour-old upload was left by a
+// process that died mid-commit, on this replica or another.
+const uploadPurgeAge = time.Hour
+
+// PurgeUploads removes unfinished storage uploads older than an hour, left
+// by a replica killed mid-commit (it runs at start and every hour).
+func (c *Cache) PurgeUploads(ctx context.Context) {
+	c.purgeUploadsBefore(ctx, c.cfg.Now().Add(-uploadPurgeAge))
+}
+
+func (c *Cache) purgeUploadsBefore(ctx context.Context, before time.Time) {
+	deleted, errs := storage.PurgeUploads(ctx, c.cfg.Driver, before, true)
+	if len(deleted) > 0 {
+		c.cfg.Logger.InfoContext(ctx, "removed unfinished uploads left by an interrupted commit", "files", len(deleted))
+	}
+	for _, err := range errs {
+		if !isPathNotFound(err) {
+			c.cfg.Logger.WarnContext(ctx, "purging unfinished uploads", "err", err)
+			break
 		}
 	}
 }

@@ -251,3 +251,33 @@ func TestDiskFull_BlobServedStraightFromUpstream(t *testing.T) {
 		t.Errorf("not ready with the spool disk full: %v", err)
 	}
 }
+
+// A replica killed mid-commit leaves an unfinished storage upload; the
+// purge removes it once it is old, and never a fresh one (another replica
+// may be committing it now).
+func TestInterruptedCommit_UploadPurged(t *testing.T) {
+	f := newFixture(t, nil, nil)
+	ctx := context.Background()
+	if err := cache.StartUploadForTest(ctx, f.c); err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		t.Helper()
+		n, err := cache.UploadsForTest(ctx, f.c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if count() != 1 {
+		t.Fatalf("want one unfinished upload to start with, have %d", count())
+	}
+	f.c.PurgeUploads(ctx) // an hour's grace: a fresh upload stays
+	if count() != 1 {
+		t.Fatal("a fresh upload was purged")
+	}
+	cache.PurgeUploadsBeforeForTest(ctx, f.c, time.Now().Add(time.Minute))
+	if n := count(); n != 0 {
+		t.Fatalf("%d unfinished uploads left after the purge", n)
+	}
+}
