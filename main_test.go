@@ -4,14 +4,19 @@ import (
 	"bytes"
 	"encoding/pem"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestFlagsReadEnvTwins(t *testing.T) {
@@ -132,4 +137,82 @@ func TestCacheTransportTrustsTheGivenCAAndSendsTheToken(t *testing.T) {
 	if rt, err := cacheTransport("", ""); rt != nil || err != nil {
 		t.Fatalf("no CA and no token: want the node's default transport, got %v %v", rt, err)
 	}
+}
+
+// A panic in a handler is logged at error level with its stack, counted,
+// and answered with an OCI 500; one after the response started cuts the
+// connection instead of completing a broken body; http.ErrAbortHandler, the
+// deliberate way to cut a response, is neither logged nor counted.
+func TestRecoverPanics(t *testing.T) {
+	logs := &lockedBuffer{}
+	log := slog.New(slog.NewJSONHandler(logs, nil))
+	panics := prometheus.NewCounter(prometheus.CounterOpts{Name: "p"})
+	h := recoverPanics(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/before":
+			var m map[string]int
+			m["boom"]++ // a nil-map write: a real runtime panic
+		case "/after":
+			w.Header().Set("Content-Length", "100")
+			w.WriteHeader(200)
+			_, _ = w.Write([]byte("partial"))
+			w.(http.Flusher).Flush() // the client has the headers now
+			panic("mid-body")
+		case "/abort":
+			panic(http.ErrAbortHandler)
+		}
+	}), log, panics)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+
+	resp, err := http.Get(srv.URL + "/before")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 500 || !strings.Contains(string(body), `"UNAVAILABLE"`) {
+		t.Fatalf("panic before the response: %d %s; want an OCI 500", resp.StatusCode, body)
+	}
+	resp, err = http.Get(srv.URL + "/after")
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil {
+		t.Fatal("a panic mid-body was delivered as a complete response")
+	}
+	if resp, err := http.Get(srv.URL + "/abort"); err == nil {
+		resp.Body.Close()
+	}
+	if got := testutil.ToFloat64(panics); got != 2 {
+		t.Fatalf("panics counted = %v, want 2 (ErrAbortHandler is not one)\n%s", got, logs.String())
+	}
+	var errorLines int
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if strings.Contains(line, `"level":"ERROR"`) && strings.Contains(line, "panic serving request") && strings.Contains(line, `"stack"`) {
+			errorLines++
+		}
+	}
+	if errorLines != 2 {
+		t.Fatalf("%d error lines with a stack, want 2:\n%s", errorLines, logs.String())
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a server's goroutines and a test.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
