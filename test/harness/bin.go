@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 )
 
@@ -50,13 +51,34 @@ func RequireRoot(t testing.TB) {
 	}
 }
 
-// FreePort returns a free TCP port on 127.0.0.1.
+// handedOut remembers every port FreePort returned in this test process:
+// the kernel may offer a port again as soon as it is closed, and two
+// listeners of one process (a node's router and peer ports) must never get
+// the same one.
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: map[int]bool{}}
+
+// FreePort returns a free TCP port on 127.0.0.1 that it has not returned
+// before in this process. The port is closed again when it returns, so
+// another process could still take it before the caller binds it.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("free port: %v", err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !handedOut.ports[port] {
+			handedOut.ports[port] = true
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("free port: the kernel keeps offering ports already handed out")
+	return 0
 }
