@@ -257,6 +257,8 @@ func TestHandler(t *testing.T) {
 	})
 	t.Run("with_verify_blobs_corrupt_peer_bytes_never_look_complete", func(t *testing.T) {
 		nodes := cluster(t, 2, func(_ int, c *Config) { c.VerifyBlobs = true })
+		// Larger than the relay's held-back chunk, so the response starts.
+		blob := randomBytes(t, 3*relayChunk)
 		good := nodes[0].store.add(blob, "")
 		// Node 0 now serves wrong bytes under the right digest.
 		bad := append([]byte{}, blob...)
@@ -267,11 +269,18 @@ func TestHandler(t *testing.T) {
 		_ = nodes[0].router.Advertise(context.Background(), []string{good.String()})
 		resp, err := http.Get(nodes[1].srv.URL + "/v2/x/blobs/" + good.String())
 		if err != nil {
-			return // connection cut before headers: also fine
+			t.Fatalf("the relay must start before the digest can be checked: %v", err)
 		}
 		defer resp.Body.Close()
+		// The relay did start: a 404 or another error would prove nothing.
+		if resp.StatusCode != 200 || resp.ContentLength != int64(len(blob)) {
+			t.Fatalf("status %d, Content-Length %d; want the relay to start with 200 and %d", resp.StatusCode, resp.ContentLength, len(blob))
+		}
 		body, err := io.ReadAll(resp.Body)
-		if err == nil && int64(len(body)) == int64(len(blob)) {
+		if err == nil {
+			t.Fatalf("corrupt bytes ended in a clean EOF after %d of %d bytes; want a cut connection", len(body), len(blob))
+		}
+		if len(body) >= len(blob) {
 			t.Fatal("corrupt bytes were delivered as a complete body")
 		}
 	})

@@ -24,6 +24,7 @@ apt_pkgs=()
 command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
 command -v nginx >/dev/null || apt_pkgs+=(nginx-light)
 command -v ip >/dev/null || apt_pkgs+=(iproute2)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || apt_pkgs+=(ca-certificates)
 if ((${#apt_pkgs[@]})); then
   log "apt-get install ${apt_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -13,6 +13,8 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
+
+	"github.com/shoal-oci/shoal/test/harness"
 )
 
 // TestImageLayout builds the image for this machine's architecture as an OCI
@@ -23,7 +25,7 @@ func TestImageLayout(t *testing.T) {
 		t.Skip("builds the shoal binary")
 	}
 	if _, err := os.Stat("/etc/ssl/certs/ca-certificates.crt"); err != nil {
-		t.Skip("no CA bundle on this machine")
+		harness.Missing(t, "no CA bundle at /etc/ssl/certs/ca-certificates.crt (Debian package ca-certificates)")
 	}
 	out := filepath.Join(t.TempDir(), "layout")
 	plat := "linux/" + runtime.GOARCH
