@@ -143,7 +143,7 @@ func TestNodeToCacheEndToEnd(t *testing.T) {
 		}
 	}
 	if servedByA < float64(layerBytes)*0.9 {
-		t.Logf("note: A served %v bytes of %d blob bytes", servedByA, layerBytes)
+		t.Fatalf("A served %v bytes of %d blob bytes: B's pull did not come from its peer", servedByA, layerBytes)
 	}
 	t.Logf("hub after A %+v, after B %+v; B peer requests %v, A served %v bytes, B cache requests %v",
 		afterA, afterB, fromPeer, servedByA, b.node.Metric(t, "shoal_node_requests_total", `source="cache"`))

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -85,7 +86,9 @@ func TestBudgetExhaustedServesCachedTagsStale(t *testing.T) {
 	if n := h.Counts().ManifestGET; n != 3 {
 		t.Fatalf("the cache spent past an exhausted budget: %d counted GETs", n)
 	}
-	t.Logf("429 message: %s (Retry-After %q); hub %+v", e.Message, resp.Header.Get("Retry-After"), h.Counts())
+	if ra, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || ra <= 0 {
+		t.Fatalf("429 without a usable Retry-After: %q", resp.Header.Get("Retry-After"))
+	}
 }
 
 // TestOutageServesCachedContent: during an upstream outage cached content
