@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"net/http"
 	"testing"
 	"time"
@@ -27,9 +28,13 @@ func TestPullFromPeer(t *testing.T) {
 	if got := b.shoal.Metric(t, "shoal_node_requests_total", `source="peer"`); got == 0 {
 		t.Errorf("B served nothing from a peer")
 	}
-	if got := a.shoal.Metric(t, "shoal_node_requests_total", `source="local"`, `kind="blob"`); got < 4 {
-		t.Errorf("A served %v blobs locally, want at least 4 (config and 3 layers)", got)
-	}
+	// A counts each request after its body is written, so poll.
+	eventually(t, 5*time.Second, "A counts the blobs it served", func() error {
+		if got := a.shoal.Metric(t, "shoal_node_requests_total", `source="local"`, `kind="blob"`); got < 4 {
+			return fmt.Errorf("A served %v blobs locally, want at least 4 (config and 3 layers)", got)
+		}
+		return nil
+	})
 	requireNoPanic(t, sites...)
 }
 
