@@ -393,7 +393,7 @@ func runNode(args []string, stderr io.Writer) error {
 		cacheCA         = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
 		zone            = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
 		pskFile         = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join. Only with a PSK do peers answer tag requests (when the cache tier cannot): without one, tags resolve only through the cache tier or this node's containerd")
-		providerTTL     = f.Duration("provider-ttl", time.Minute, "how long a DHT provider record lives; a dead node stops being offered after this")
+		providerTTL     = f.Duration("provider-ttl", 30*time.Minute, "how long a DHT provider record lives; a withdrawn key may cost a requester one 404 until then (dead nodes are skipped at once)")
 		hedge           = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
 		idleTimeout     = f.Duration("relay-idle-timeout", 10*time.Second, "fail a relayed body (peer or cache tier) that sends no bytes for this long; a peer transfer then resumes on another source")
 		verifyBlobs     = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")

@@ -349,6 +349,19 @@ func (n *Node) relayPeers(w http.ResponseWriter, r *http.Request, rt oci.Route, 
 	return n.relay(w, r, rt, targets, n.cacheTargets(), sourcePeer)
 }
 
+// forget tells the router that p answered 404 for rt's key.
+func (n *Node) forget(rt oci.Route, p routing.Peer) {
+	f, ok := n.cfg.Router.(forgetter)
+	if !ok {
+		return
+	}
+	key := rt.Digest.String()
+	if rt.Tag != "" {
+		key = rt.Reference()
+	}
+	f.Forget(key, p.ID)
+}
+
 // cacheTargets is the cache tier as a relay target, or none.
 func (n *Node) cacheTargets() []target {
 	if n.cfg.CacheURL == "" {

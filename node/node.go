@@ -39,6 +39,13 @@ type Router interface {
 	Lookup(ctx context.Context, key string, max int) ([]routing.Peer, error)
 }
 
+// forgetter is what a Router may also do: be told that a peer it returned
+// does not hold a key after all (a stale record), so the next lookup leaves
+// it out. The DHT router implements it.
+type forgetter interface {
+	Forget(key, peerID string)
+}
+
 // PeerHeader marks a request from another node. A node answers such a request
 // from its local store only, so requests between peers cannot loop.
 const PeerHeader = "X-Shoal-Peer"

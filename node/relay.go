@@ -178,6 +178,9 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 				// The client left, a stale record, or a range past the end
 				// of the blob: none of them says the peer is sick.
 				res.done(nil)
+				if isPeer && errors.Is(res.err, errNoSource) {
+					n.forget(rt, *targets[res.i].peer)
+				}
 			case !isPeer && isClientError(res.err):
 				res.done(nil) // the cache tier's real answer
 			default:

@@ -15,6 +15,7 @@ targets=(
   "./auth FuzzParsePSK"
   "./node/mirror FuzzParseHostsFile"
   "./node FuzzPeerResponse"
+  "./node/routing/dht FuzzDecodeAnnouncement"
 )
 for t in "${targets[@]}"; do
   set -- $t

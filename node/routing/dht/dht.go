@@ -1,15 +1,30 @@
 // Package dht is the node tier's Router on a libp2p Kademlia DHT (kad-dht in
-// server mode, protocol prefix "/shoal", TCP only).
+// server mode, protocol prefix "/shoal", TCP only), with gossipsub
+// announcements and a provider cache in front of it.
 //
 // Keys (digests "sha256:..." and tag references) become CIDv1 with the raw
-// codec over the sha256 multihash of the key string. Advertise provides a
-// key; a background loop re-provides every advertised key every
-// ProviderTTL/2. Every node stores provider records for ProviderTTL only
-// (kad-dht's provider manager option records.ProvideValidity; kad-dht's own
-// default is 48h), so a withdrawn key or a dead node drops out of every
-// lookup within one TTL. Lookup also only returns providers it is connected
-// to or can dial within DialTimeout, so a node that just died is skipped at
-// once.
+// codec over the sha256 multihash of the key string.
+//
+// Finding a key costs, in order of preference:
+//   - nothing beyond a map lookup, when an announcement or an earlier
+//     lookup told this node who holds it (the provider cache, see
+//     providers.go). Content is immutable, so a holder stays a holder until
+//     it withdraws the key, a request to it finds nothing (Forget), or it
+//     cannot be reached;
+//   - a DHT query, for keys this node has not heard of: nodes that joined
+//     after the announcement, or missed it. Lookup returns as soon as one
+//     reachable provider is in hand; the rest of the query goes on in the
+//     background and fills the cache.
+//
+// Advertise hands keys to kad-dht's sweeping provider, which re-provides
+// them region by region every ProviderTTL/2, so keeping records alive costs
+// a steady trickle of messages rather than a burst of per-key lookups. Every
+// node keeps provider records for ProviderTTL (records.ProvideValidity). A
+// withdrawn key is announced as removed at once; its DHT records expire
+// within one TTL, and until then cost a requester one 404. A dead node is
+// not what the TTL is for: a provider that cannot be dialled is marked dead
+// and skipped by every lookup until it connects again, so it costs at most
+// one failed dial.
 //
 // Peers learn each other's registry address and zone from the identify
 // UserAgent, "shoal/1 registry=<host:port> zone=<zone>" (see agent.go).
@@ -29,8 +44,9 @@ import (
 	"github.com/ipfs/go-cid"
 	"github.com/libp2p/go-libp2p"
 	kad "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p-kad-dht/provider"
 	"github.com/libp2p/go-libp2p-kad-dht/records"
-	kb "github.com/libp2p/go-libp2p-kbucket"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -47,13 +63,15 @@ import (
 
 // Defaults for the zero values of Config.
 const (
-	DefaultListenAddr         = "0.0.0.0:5001"
-	DefaultProviderTTL        = time.Minute
-	DefaultBootstrapInterval  = 30 * time.Second
-	DefaultDialTimeout        = 2 * time.Second
-	DefaultLookupTimeout      = 5 * time.Second
-	DefaultLookupGrace        = 20 * time.Millisecond
-	DefaultProvideConcurrency = 8
+	DefaultListenAddr        = "0.0.0.0:5001"
+	DefaultProviderTTL       = 30 * time.Minute
+	DefaultBootstrapInterval = 30 * time.Second
+	DefaultDialTimeout       = 2 * time.Second
+	DefaultLookupTimeout     = 5 * time.Second
+	DefaultProviderCacheKeys = 1 << 18
+	DefaultReplicationFactor = 20
+	deadPeerProbeInterval    = 30 * time.Second
+	deadPeerForgetAfter      = 10 * time.Minute
 )
 
 // Config configures a Router. Only RegistryAddr is required.
@@ -84,19 +102,22 @@ type Config struct {
 	// Zone is this node's topology zone, "" if none.
 	Zone string
 	// ProviderTTL is how long every node keeps a provider record. Keys are
-	// re-provided every ProviderTTL/2. Default DefaultProviderTTL.
+	// re-provided every ProviderTTL/2 by the sweeping provider. It bounds
+	// how long a withdrawn key's records linger in the DHT (each costs a
+	// requester one 404); dead nodes are skipped by reachability, not by
+	// the TTL. Default DefaultProviderTTL.
 	ProviderTTL time.Duration
+	// ReplicationFactor is how many of the closest peers get each provider
+	// record. Default DefaultReplicationFactor.
+	ReplicationFactor int
+	// ProviderCacheKeys bounds how many keys the provider cache remembers
+	// holders for (about 100 bytes each). Default DefaultProviderCacheKeys.
+	ProviderCacheKeys int
 	// DialTimeout bounds one dial: of a bootstrap peer, or of a provider
 	// during Lookup. Default DefaultDialTimeout.
 	DialTimeout time.Duration
 	// LookupTimeout bounds one Lookup. Default DefaultLookupTimeout.
 	LookupTimeout time.Duration
-	// LookupGrace is how long Lookup keeps collecting providers after the
-	// first one. Default DefaultLookupGrace.
-	LookupGrace time.Duration
-	// ProvideConcurrency is how many keys are provided at once. Default
-	// DefaultProvideConcurrency.
-	ProvideConcurrency int
 	// Resolver resolves bootstrap DNS names. Default net.DefaultResolver.
 	Resolver *net.Resolver
 	// Logger receives the router's logs. Default: discarded.
@@ -114,16 +135,19 @@ type Router struct {
 	log      *slog.Logger
 	host     host.Host
 	dht      *kad.IpfsDHT
+	prov     *provider.SweepingProvider
+	topic    *pubsub.Topic
+	cache    *providerCache
+	live     *liveness
 	metrics  *metrics
 	resolver *net.Resolver
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	kick   chan struct{} // asks the provide loop for a round now
 
 	mu           sync.Mutex
-	keys         map[string]cid.Cid // advertised keys
+	keys         map[keyHash]struct{} // advertised keys
 	bootstrapped map[peer.ID]peer.AddrInfo
 	closed       bool
 }
@@ -200,8 +224,9 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		resolver:     cfg.Resolver,
 		ctx:          rctx,
 		cancel:       cancel,
-		kick:         make(chan struct{}, 1),
-		keys:         make(map[string]cid.Cid),
+		cache:        newProviderCache(cfg.ProviderCacheKeys, cfg.ProviderTTL, time.Now),
+		live:         newLiveness(time.Now),
+		keys:         make(map[keyHash]struct{}),
 		bootstrapped: make(map[peer.ID]peer.AddrInfo),
 	}
 	r.dht, err = kad.New(h,
@@ -219,11 +244,41 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		h.Close()
 		return nil, fmt.Errorf("dht: start kad-dht: %w", err)
 	}
+	self := h.ID()
+	r.prov, err = provider.New(
+		provider.WithHost(h),
+		provider.WithRouter(r.dht),
+		provider.WithMessageSender(r.dht.MessageSender()),
+		provider.WithSelfAddrs(h.Addrs),
+		provider.WithAddLocalRecord(func(ctx context.Context, k mh.Multihash) error {
+			return r.dht.ProviderStore().AddProvider(ctx, k, peer.AddrInfo{ID: self})
+		}),
+		provider.WithReplicationFactor(cfg.ReplicationFactor),
+		provider.WithReprovideInterval(cfg.ProviderTTL/2),
+		provider.WithMaxReprovideDelay(max(cfg.ProviderTTL/8, time.Second)),
+		provider.WithSendProviderRecordTimeout(max(cfg.DialTimeout, time.Second)),
+		provider.WithLoggerName("shoal-dht-provider"),
+	)
+	if err == nil {
+		err = r.startAnnouncements(rctx)
+	}
+	if err != nil {
+		if r.prov != nil {
+			r.prov.Close()
+		}
+		cancel()
+		r.dht.Close()
+		h.Close()
+		return nil, fmt.Errorf("dht: %w", err)
+	}
+	h.Network().Notify(&network.NotifyBundle{
+		ConnectedF: func(_ network.Network, c network.Conn) { r.live.markAlive(c.RemotePeer()) },
+	})
 	r.log.Info("dht started", "peer", h.ID(), "addrs", r.Addrs(), "zone", cfg.Zone, "provider_ttl", cfg.ProviderTTL)
 
 	r.wg.Add(2)
 	go r.bootstrapLoop()
-	go r.provideLoop()
+	go r.maintainLoop()
 	return r, nil
 }
 
@@ -243,11 +298,11 @@ func withDefaults(cfg Config) Config {
 	if cfg.LookupTimeout <= 0 {
 		cfg.LookupTimeout = DefaultLookupTimeout
 	}
-	if cfg.LookupGrace <= 0 {
-		cfg.LookupGrace = DefaultLookupGrace
+	if cfg.ReplicationFactor <= 0 {
+		cfg.ReplicationFactor = DefaultReplicationFactor
 	}
-	if cfg.ProvideConcurrency <= 0 {
-		cfg.ProvideConcurrency = DefaultProvideConcurrency
+	if cfg.ProviderCacheKeys <= 0 {
+		cfg.ProviderCacheKeys = DefaultProviderCacheKeys
 	}
 	if cfg.Resolver == nil {
 		cfg.Resolver = net.DefaultResolver
@@ -302,6 +357,12 @@ func (r *Router) Close() error {
 	r.cancel()
 	r.wg.Wait()
 	var errs []error
+	if err := r.prov.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close provider: %w", err))
+	}
+	if err := r.topic.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		r.log.Debug("close announcement topic", "error", err)
+	}
 	if err := r.dht.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close kad-dht: %w", err))
 	}
@@ -334,132 +395,137 @@ func (r *Router) Ready() bool {
 // keyCID maps a key to the CID it is provided under: CIDv1, raw codec,
 // sha256 multihash of the key string.
 func keyCID(key string) (cid.Cid, error) {
-	sum, err := mh.Sum([]byte(key), mh.SHA2_256, -1)
-	if err != nil {
-		return cid.Undef, fmt.Errorf("hash key %q: %w", key, err)
-	}
-	return cid.NewCidV1(cid.Raw, sum), nil
+	h := hashKey(key)
+	return hashCID(h)
 }
 
-// Advertise announces that this node holds keys. The keys are re-provided
-// every ProviderTTL/2 until withdrawn. A node with no peers yet reports no
-// error: its keys go out once peers are found. Other provide failures are
-// returned (the keys stay advertised and are retried).
+func hashCID(h keyHash) (cid.Cid, error) {
+	m, err := mh.Encode(h[:], mh.SHA2_256)
+	if err != nil {
+		return cid.Undef, fmt.Errorf("multihash: %w", err)
+	}
+	return cid.NewCidV1(cid.Raw, m), nil
+}
+
+// Advertise announces that this node holds keys: at once to every node
+// listening for announcements, and through the DHT, where the sweeping
+// provider keeps the records alive until the keys are withdrawn. It does
+// not wait for the DHT: a node with no peers yet provides its keys once it
+// finds some.
 func (r *Router) Advertise(ctx context.Context, keys []string) error {
-	cids := make([]cid.Cid, 0, len(keys))
-	for _, k := range keys {
-		c, err := keyCID(k)
-		if err != nil {
-			return fmt.Errorf("advertise: %w", err)
-		}
-		cids = append(cids, c)
+	hashes, mhs, err := r.hashes(keys)
+	if err != nil {
+		return fmt.Errorf("advertise: %w", err)
 	}
 	r.mu.Lock()
-	for i, k := range keys {
-		r.keys[k] = cids[i]
+	for _, h := range hashes {
+		r.keys[h] = struct{}{}
 	}
 	r.metrics.advertisedKeys.Set(float64(len(r.keys)))
 	r.mu.Unlock()
-	if err := r.provide(ctx, cids); err != nil {
+	// This node's own record, so a query that reaches it finds it even
+	// before the provider has swept (or while it is offline).
+	self := peer.AddrInfo{ID: r.host.ID()}
+	for _, m := range mhs {
+		if err := r.dht.ProviderStore().AddProvider(ctx, m, self); err != nil {
+			return fmt.Errorf("advertise: local record: %w", err)
+		}
+	}
+	if err := r.prov.StartProviding(false, mhs...); err != nil {
+		r.metrics.provideErrors.Inc()
 		return fmt.Errorf("advertise: %w", err)
 	}
+	r.announce(ctx, opAdd, hashes)
 	return nil
 }
 
-// Withdraw stops announcing keys: they are no longer re-provided, so the
-// records on other nodes (and this node's own record, which kad-dht offers
-// no way to delete) expire within ProviderTTL.
+// Withdraw stops announcing keys. Every node listening for announcements
+// forgets them at once; the DHT records (this node's own included, which
+// kad-dht offers no way to delete) are no longer re-provided and expire
+// within ProviderTTL.
 func (r *Router) Withdraw(ctx context.Context, keys []string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	hashes, mhs, err := r.hashes(keys)
+	if err != nil {
+		return fmt.Errorf("withdraw: %w", err)
+	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, k := range keys {
-		delete(r.keys, k)
+	for _, h := range hashes {
+		delete(r.keys, h)
 	}
 	r.metrics.advertisedKeys.Set(float64(len(r.keys)))
+	r.mu.Unlock()
+	if err := r.prov.StopProviding(mhs...); err != nil {
+		return fmt.Errorf("withdraw: %w", err)
+	}
+	r.announce(ctx, opRemove, hashes)
 	return nil
 }
 
-// provide announces cids, ProvideConcurrency at a time.
-func (r *Router) provide(ctx context.Context, cids []cid.Cid) error {
-	timeout := min(max(r.cfg.ProviderTTL/2, time.Second), 30*time.Second)
-	sem := make(chan struct{}, r.cfg.ProvideConcurrency)
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		errs []error
-	)
-	for _, c := range cids {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			wg.Wait()
-			return ctx.Err()
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			pctx, cancel := context.WithTimeout(ctx, timeout)
-			defer cancel()
-			err := r.dht.Provide(pctx, c, true)
-			if err == nil || errors.Is(err, kb.ErrLookupFailure) {
-				return // no peers yet: the record is stored locally
-			}
-			r.metrics.provideErrors.Inc()
-			mu.Lock()
-			errs = append(errs, fmt.Errorf("provide %s: %w", c, err))
-			mu.Unlock()
-		}()
+// Forget tells the router that peerID was asked for key and does not hold
+// it (a stale record): lookups leave that peer out for key until its DHT
+// record would have expired.
+func (r *Router) Forget(key, peerID string) {
+	id, err := peer.Decode(peerID)
+	if err != nil {
+		return
 	}
-	wg.Wait()
-	return errors.Join(errs...)
+	r.cache.forget(id, r.cfg.ProviderTTL, hashKey(key))
+	r.metrics.cachedKeys.Set(float64(r.cache.size()))
 }
 
-// provideLoop re-provides every advertised key every ProviderTTL/2, and at
-// once when the routing table goes from empty to non-empty. It also keeps
-// the peers gauge current.
-func (r *Router) provideLoop() {
+func (r *Router) hashes(keys []string) ([]keyHash, []mh.Multihash, error) {
+	hashes := make([]keyHash, len(keys))
+	mhs := make([]mh.Multihash, len(keys))
+	for i, k := range keys {
+		hashes[i] = hashKey(k)
+		m, err := mh.Encode(hashes[i][:], mh.SHA2_256)
+		if err != nil {
+			return nil, nil, fmt.Errorf("key %q: %w", k, err)
+		}
+		mhs[i] = m
+	}
+	return hashes, mhs, nil
+}
+
+// maintainLoop keeps the peers gauge current, and probes dead peers every
+// deadPeerProbeInterval in the background (so no request pays for it). A
+// peer dead for deadPeerForgetAfter is dropped from the cache.
+func (r *Router) maintainLoop() {
 	defer r.wg.Done()
-	reprovide := time.NewTicker(r.cfg.ProviderTTL / 2)
-	defer reprovide.Stop()
-	watch := time.NewTicker(time.Second)
-	defer watch.Stop()
-	lastSize := 0
+	gauge := time.NewTicker(5 * time.Second)
+	defer gauge.Stop()
+	probe := time.NewTicker(deadPeerProbeInterval)
+	defer probe.Stop()
 	for {
 		select {
 		case <-r.ctx.Done():
 			return
-		case <-watch.C:
-			size := r.dht.RoutingTable().Size()
-			r.metrics.peers.Set(float64(size))
-			if lastSize == 0 && size > 0 {
-				r.requestProvide()
-			}
-			lastSize = size
-			continue
-		case <-reprovide.C:
-		case <-r.kick:
-		}
-		r.mu.Lock()
-		cids := make([]cid.Cid, 0, len(r.keys))
-		for _, c := range r.keys {
-			cids = append(cids, c)
-		}
-		r.mu.Unlock()
-		if err := r.provide(r.ctx, cids); err != nil && r.ctx.Err() == nil {
-			r.log.Warn("reprovide failed for some keys", "keys", len(cids), "error", err)
+		case <-gauge.C:
+			r.metrics.peers.Set(float64(r.dht.RoutingTable().Size()))
+		case <-probe.C:
+			r.probeDead()
 		}
 	}
 }
 
-func (r *Router) requestProvide() {
-	select {
-	case r.kick <- struct{}{}:
-	default:
+func (r *Router) probeDead() {
+	for id, since := range r.live.snapshot() {
+		if time.Since(since) > deadPeerForgetAfter {
+			r.cache.dropPeer(id)
+			r.live.markAlive(id) // forgotten; a new record makes it a candidate again
+			continue
+		}
+		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)
+		err := r.host.Connect(ctx, peer.AddrInfo{ID: id})
+		cancel()
+		if err == nil {
+			r.live.markAlive(id)
+		}
 	}
+	r.metrics.cachedKeys.Set(float64(r.cache.size()))
 }
 
 // bootstrapLoop dials the bootstrap peers at start and every
@@ -482,99 +548,140 @@ func (r *Router) bootstrapLoop() {
 	}
 }
 
-// Lookup returns up to max peers other than this node that advertise key and
+// Lookup returns up to max peers other than this node that hold key and
 // that this node is connected to or can dial within DialTimeout, with Addr
-// and Zone filled from their identify UserAgent. An unknown key yields an
-// empty result and no error.
+// and Zone filled from their identify UserAgent. Known holders (from
+// announcements and earlier lookups) are answered from the cache; otherwise
+// it queries the DHT and returns as soon as a provider is reachable, while
+// the query goes on in the background to fill the cache. Peers found dead
+// are skipped. An unknown key yields an empty result and no error.
 func (r *Router) Lookup(ctx context.Context, key string, max int) ([]routing.Peer, error) {
 	if max <= 0 {
 		return nil, nil
 	}
-	c, err := keyCID(key)
+	start := time.Now()
+	defer func() { r.metrics.lookupDuration.Observe(time.Since(start).Seconds()) }()
+	h := hashKey(key)
+	if out := r.reachableAll(ctx, r.cache.get(h), max); len(out) > 0 {
+		r.metrics.lookups.WithLabelValues("cache").Inc()
+		return out, nil
+	}
+	c, err := hashCID(h)
 	if err != nil {
 		return nil, fmt.Errorf("lookup: %w", err)
 	}
-	start := time.Now()
-	defer func() { r.metrics.lookupDuration.Observe(time.Since(start).Seconds()) }()
-
-	lctx, cancel := context.WithTimeout(ctx, r.cfg.LookupTimeout)
-	defer cancel()
-	// Ask for more than max: this node and unreachable providers are
-	// dropped below.
-	provs := r.dht.FindProvidersAsync(lctx, c, 2*max+1)
-
-	found := make(chan routing.Peer)
-	go func() {
-		var wg sync.WaitGroup
-		seen := map[peer.ID]bool{r.host.ID(): true}
-		for info := range provs {
-			if seen[info.ID] {
-				continue
-			}
-			seen[info.ID] = true
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				p, err := r.reachable(lctx, info)
-				if err != nil {
-					r.log.Debug("skipping provider", "key", key, "peer", info.ID, "error", err)
-					return
-				}
-				select {
-				case found <- p:
-				case <-lctx.Done():
-				}
-			}()
-		}
-		wg.Wait()
-		close(found)
-	}()
-
-	// Once one provider is in hand, wait only a short grace for more: the
-	// rest of a DHT query costs round trips that a pull should not wait for.
+	found := make(chan routing.Peer, 1)
+	go r.query(h, c, key, found)
 	var out []routing.Peer
-	var grace <-chan time.Time
-collect:
-	for {
-		select {
-		case p, ok := <-found:
-			if !ok {
-				break collect
-			}
+	select {
+	case p, ok := <-found:
+		if ok {
 			out = append(out, p)
-			if len(out) == max {
-				break collect
+		}
+	case <-ctx.Done():
+	}
+	if len(out) == 0 {
+		r.metrics.lookups.WithLabelValues("miss").Inc()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("lookup: %w", ctx.Err())
+		}
+		return nil, nil
+	}
+	r.metrics.lookups.WithLabelValues("dht").Inc()
+	return out, nil
+}
+
+// query runs one DHT provider query to its end (bounded by LookupTimeout),
+// adds every reachable provider to the cache, and sends the first one on
+// first, then closes it.
+func (r *Router) query(h keyHash, c cid.Cid, key string, first chan<- routing.Peer) {
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.LookupTimeout)
+	defer cancel()
+	var (
+		wg   sync.WaitGroup
+		once sync.Once
+	)
+	self := r.host.ID()
+	seen := map[peer.ID]bool{self: true}
+	for info := range r.dht.FindProvidersAsync(ctx, c, 0) {
+		if seen[info.ID] || r.live.isDead(info.ID) {
+			continue
+		}
+		seen[info.ID] = true
+		if len(info.Addrs) > 0 {
+			r.host.Peerstore().AddAddrs(info.ID, info.Addrs, time.Hour)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p, err := r.reachable(ctx, info.ID)
+			if err != nil {
+				r.log.Debug("skipping provider", "key", key, "peer", info.ID, "error", err)
+				return
 			}
-			if grace == nil {
-				t := time.NewTimer(r.cfg.LookupGrace)
-				defer t.Stop()
-				grace = t.C
+			if r.cache.add(info.ID, true, h) == 0 {
+				return // it withdrew the key, or was found not to hold it
 			}
-		case <-grace:
-			break collect
+			once.Do(func() { first <- p })
+		}()
+	}
+	wg.Wait()
+	once.Do(func() {})
+	close(first)
+	r.metrics.cachedKeys.Set(float64(r.cache.size()))
+}
+
+// reachableAll returns up to max of ids as Peers, in order, leaving out
+// this node, dead peers and peers that cannot be reached now. Peers that
+// need a dial are dialled in parallel.
+func (r *Router) reachableAll(ctx context.Context, ids []peer.ID, max int) []routing.Peer {
+	self := r.host.ID()
+	res := make([]*routing.Peer, len(ids))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		if id == self || r.live.isDead(id) {
+			continue
+		}
+		if r.host.Network().Connectedness(id) == network.Connected {
+			if p, err := r.reachable(ctx, id); err == nil {
+				res[i] = &p
+			}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if p, err := r.reachable(ctx, id); err == nil {
+				res[i] = &p
+			}
+		}()
+	}
+	wg.Wait()
+	var out []routing.Peer
+	for _, p := range res {
+		if p != nil && len(out) < max {
+			out = append(out, *p)
 		}
 	}
-	cancel()
-	for range found { // let the workers finish
-	}
-	if len(out) == 0 && ctx.Err() != nil {
-		return nil, fmt.Errorf("lookup: %w", ctx.Err())
-	}
-	return out, nil
+	return out
 }
 
 // reachable makes sure this node is connected to the provider (dialling it
 // within DialTimeout if needed) and builds its Peer from identify data.
-func (r *Router) reachable(ctx context.Context, info peer.AddrInfo) (routing.Peer, error) {
+func (r *Router) reachable(ctx context.Context, id peer.ID) (routing.Peer, error) {
 	nw := r.host.Network()
-	if nw.Connectedness(info.ID) != network.Connected {
+	if nw.Connectedness(id) != network.Connected {
 		dctx, cancel := context.WithTimeout(ctx, r.cfg.DialTimeout)
-		err := r.host.Connect(dctx, info) // waits for identify
+		err := r.connect(dctx, id) // waits for identify
 		cancel()
 		if err != nil {
+			if ctx.Err() == nil {
+				r.live.markDead(id)
+			}
 			return routing.Peer{}, fmt.Errorf("dial provider: %w", err)
 		}
 	}
+	info := peer.AddrInfo{ID: id}
 	conns := nw.ConnsToPeer(info.ID)
 	if len(conns) == 0 {
 		return routing.Peer{}, errors.New("no connection to provider")
@@ -593,6 +700,21 @@ func (r *Router) reachable(ctx context.Context, info peer.AddrInfo) (routing.Pee
 		return routing.Peer{}, err
 	}
 	return routing.Peer{ID: info.ID.String(), Addr: addr, Zone: zone}, nil
+}
+
+// connect dials id at the addresses in the peerstore, or, when there are
+// none (a peer known only from an announcement), at the addresses the DHT
+// finds for it.
+func (r *Router) connect(ctx context.Context, id peer.ID) error {
+	info := peer.AddrInfo{ID: id, Addrs: r.host.Peerstore().Addrs(id)}
+	if len(info.Addrs) == 0 {
+		found, err := r.dht.FindPeer(ctx, id)
+		if err != nil {
+			return fmt.Errorf("find peer addresses: %w", err)
+		}
+		info = found
+	}
+	return r.host.Connect(ctx, info)
 }
 
 // agentOf returns the peer's identify UserAgent, waiting for identify to

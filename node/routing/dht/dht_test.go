@@ -288,19 +288,84 @@ func TestDeadProviderStopsBeingReturned(t *testing.T) {
 	if err := rs[1].Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The very next lookup skips it: its records have not expired (they
-	// live testTTL), but it cannot be reached, and that is enough.
-	got := lookupIDs(t, rs[2], key)
-	if slices.Contains(got, dead) {
-		t.Fatalf("the first lookup after the close still returns the dead node: %v", got)
+	// Its records have not expired (they live testTTL), but once its
+	// connections are gone a lookup cannot reach it, marks it dead, and
+	// from then on skips it without dialling.
+	waitFor(t, 2*time.Second, "lookups skip the dead node", func() bool {
+		return !slices.Contains(lookupIDs(t, rs[2], key), dead)
+	})
+	if !rs[2].live.isDead(rs[1].host.ID()) {
+		t.Fatal("the dead node is not marked dead")
 	}
-	if !slices.Contains(got, rs[0].ID()) {
-		t.Fatalf("live provider lost: %v", got)
+	for range 3 {
+		got := lookupIDs(t, rs[2], key)
+		if slices.Contains(got, dead) {
+			t.Fatalf("a later lookup returns the dead node: %v", got)
+		}
+		if !slices.Contains(got, rs[0].ID()) {
+			t.Fatalf("live provider lost: %v", got)
+		}
 	}
 }
 
-func TestWithdrawnRecordExpiresWithinTTL(t *testing.T) {
-	rs := startNetwork(t, 2, nil)
+func TestReprovideKeepsRecordsAliveForLateJoiners(t *testing.T) {
+	rs := startNetwork(t, 3, nil)
+	key := "sha256:reprovided"
+	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	// Node 1 keeps finding node 0, through the DHT alone (its cache is
+	// bypassed), for two TTLs: records outlive one TTL while advertised.
+	end := time.Now().Add(2 * testTTL)
+	for time.Now().Before(end) {
+		waitFor(t, testTTL, "node 1 finds node 0 by a DHT query", func() bool {
+			return slices.Contains(dhtLookupIDs(t, rs[1], key), rs[0].ID())
+		})
+		time.Sleep(100 * time.Millisecond)
+	}
+	late := start(t, withBootstrap(testConfig(), hostPort(t, rs[2])))
+	waitFor(t, 10*time.Second, "late node ready", late.Ready)
+	waitFor(t, 5*time.Second, "the late node finds node 0", func() bool {
+		return slices.Contains(lookupIDs(t, late, key), rs[0].ID())
+	})
+	if n := counterValue(t, late.cfg.Registerer.(*prometheus.Registry), "shoal_dht_lookups_total", "dht"); n < 1 {
+		t.Errorf("the late node's lookups answered by the DHT = %v, want at least 1", n)
+	}
+}
+
+// An advertisement reaches the other nodes as an announcement: their
+// lookups are answered from the cache, with no DHT query.
+func TestAnnouncementsAnswerLookupsFromCache(t *testing.T) {
+	rs := startNetwork(t, 3, nil)
+	waitForMesh(t, rs)
+	keys := []string{"sha256:announced-1", "sha256:announced-2"}
+	if err := rs[0].Advertise(context.Background(), keys); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs[1:] {
+		waitFor(t, 5*time.Second, "the announcement reaches the cache", func() bool {
+			return len(r.cache.get(hashKey(keys[1]))) == 1
+		})
+		reg := r.cfg.Registerer.(*prometheus.Registry)
+		before := counterValue(t, reg, "shoal_dht_lookups_total", "cache")
+		if got := lookupIDs(t, r, keys[0]); !slices.Equal(got, []string{rs[0].ID()}) {
+			t.Fatalf("lookup = %v, want node 0", got)
+		}
+		if after := counterValue(t, reg, "shoal_dht_lookups_total", "cache"); after != before+1 {
+			t.Errorf("cache-answered lookups went %v -> %v, want +1", before, after)
+		}
+		if dht := counterValue(t, reg, "shoal_dht_lookups_total", "dht"); dht != 0 {
+			t.Errorf("%v lookups needed a DHT query", dht)
+		}
+	}
+}
+
+// A withdrawal is announced: other nodes stop returning the withdrawer at
+// once, long before its DHT records expire, and DHT records do not bring
+// it back. Advertising again does.
+func TestWithdrawIsAnnounced(t *testing.T) {
+	rs := startNetwork(t, 2, func(_ int, cfg *Config) { cfg.ProviderTTL = time.Hour })
+	waitForMesh(t, rs)
 	key := "sha256:withdrawn"
 	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
 		t.Fatal(err)
@@ -308,20 +373,99 @@ func TestWithdrawnRecordExpiresWithinTTL(t *testing.T) {
 	waitFor(t, 5*time.Second, "node 1 finds node 0", func() bool {
 		return slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
 	})
-	// Records are re-provided, so they outlive one TTL while advertised.
-	time.Sleep(testTTL + testTTL/2)
-	if got := lookupIDs(t, rs[1], key); !slices.Contains(got, rs[0].ID()) {
-		t.Fatalf("advertised record expired despite reproviding: %v", got)
-	}
 	if err := rs[0].Withdraw(context.Background(), []string{key}); err != nil {
 		t.Fatal(err)
 	}
-	withdrawn := time.Now()
-	// The provider stays reachable, so only record expiry removes it.
-	waitFor(t, testTTL+testTTL/2+time.Second, "the withdrawn record expires", func() bool {
-		return !slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
+	waitFor(t, 5*time.Second, "node 1 stops returning node 0", func() bool {
+		return len(lookupIDs(t, rs[1], key)) == 0
 	})
-	t.Logf("withdrawn record gone after %v", time.Since(withdrawn))
+	// The DHT still holds node 0's record (TTL 1h), yet lookups stay empty.
+	if got := dhtLookupIDs(t, rs[1], key); !slices.Contains(got, rs[0].ID()) {
+		t.Fatalf("the DHT record is gone already (%v): the test proves nothing", got)
+	}
+	if got := lookupIDs(t, rs[1], key); len(got) != 0 {
+		t.Fatalf("after the withdrawal node 1 still finds %v", got)
+	}
+	if err := rs[0].Advertise(context.Background(), []string{key}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "node 1 finds node 0 again", func() bool {
+		return slices.Contains(lookupIDs(t, rs[1], key), rs[0].ID())
+	})
+}
+
+// Forget (a holder answered 404) keeps that holder out of lookups for the
+// key, even though its DHT record says otherwise; other holders stay.
+func TestForgetDropsAStaleHolder(t *testing.T) {
+	rs := startNetwork(t, 3, nil)
+	key := "sha256:stale"
+	for _, r := range rs[:2] {
+		if err := r.Advertise(context.Background(), []string{key}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "node 2 finds nodes 0 and 1", func() bool {
+		got := lookupIDs(t, rs[2], key)
+		return slices.Contains(got, rs[0].ID()) && slices.Contains(got, rs[1].ID())
+	})
+	rs[2].Forget(key, rs[1].ID())
+	for range 3 {
+		if got := lookupIDs(t, rs[2], key); !slices.Equal(got, []string{rs[0].ID()}) {
+			t.Fatalf("after Forget, lookup = %v, want only node 0", got)
+		}
+	}
+}
+
+// dhtLookupIDs asks the DHT directly, past the provider cache.
+func dhtLookupIDs(t *testing.T, r *Router, key string) []string {
+	t.Helper()
+	c, err := keyCID(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	var ids []string
+	for info := range r.dht.FindProvidersAsync(ctx, c, 0) {
+		if info.ID != r.host.ID() {
+			ids = append(ids, info.ID.String())
+		}
+	}
+	return ids
+}
+
+// waitForMesh waits until an announcement from each router reaches every
+// other one. Gossipsub drops what is published before its streams to a
+// peer are up, so each router announces a probe key until all have it.
+func waitForMesh(t *testing.T, rs []*Router) {
+	t.Helper()
+	for i, r := range rs {
+		probe := fmt.Sprintf("sha256:mesh-probe-%d", i)
+		waitFor(t, 10*time.Second, fmt.Sprintf("node %d's announcements reach every node", i), func() bool {
+			if err := r.Advertise(context.Background(), []string{probe}); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(200 * time.Millisecond)
+			for time.Now().Before(deadline) {
+				all := true
+				for j, o := range rs {
+					if j != i && len(o.cache.get(hashKey(probe))) == 0 {
+						all = false
+					}
+				}
+				if all {
+					return true
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			return false
+		})
+	}
+}
+
+func withBootstrap(cfg Config, peers ...string) Config {
+	cfg.BootstrapPeers = peers
+	return cfg
 }
 
 func TestLookupFillsAddrAndZone(t *testing.T) {
@@ -387,6 +531,23 @@ func gather(t *testing.T, reg *prometheus.Registry) map[string]*dto.MetricFamily
 		out[mf.GetName()] = mf
 	}
 	return out
+}
+
+func counterValue(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
+	t.Helper()
+	mf := gather(t, reg)[name]
+	if mf == nil {
+		t.Fatalf("metric %s not registered", name)
+	}
+	for _, m := range mf.Metric {
+		for _, lp := range m.Label {
+			if lp.GetValue() == label {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	t.Fatalf("metric %s has no series with label value %q", name, label)
+	return 0
 }
 
 func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {

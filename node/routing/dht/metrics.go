@@ -13,6 +13,10 @@ type metrics struct {
 	advertisedKeys prometheus.Gauge
 	peers          prometheus.Gauge
 	provideErrors  prometheus.Counter
+	lookups        *prometheus.CounterVec
+	cachedKeys     prometheus.Gauge
+	announcements  *prometheus.CounterVec
+	announceErrors prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -32,8 +36,30 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		provideErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "shoal_dht_provide_errors_total",
-			Help: "Provider announcements (advertise or reprovide of one key) that failed.",
+			Help: "Advertise calls the sweeping provider refused.",
 		}),
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shoal_dht_lookups_total",
+			Help: "Lookups by how they were answered: cache (known holders, no DHT query), dht (a DHT query found a holder), miss (nobody reachable holds the key).",
+		}, []string{"result"}),
+		cachedKeys: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "shoal_dht_cached_keys",
+			Help: "Keys whose holders this node knows from announcements and earlier lookups.",
+		}),
+		announcements: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "shoal_dht_announcements_total",
+			Help: "Gossipsub announcement messages sent and received (each carries up to 4096 keys).",
+		}, []string{"direction"}),
+		announceErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_dht_announce_errors_total",
+			Help: "Announcement messages that could not be published (the DHT still carries the keys).",
+		}),
+	}
+	for _, r := range []string{"cache", "dht", "miss"} {
+		m.lookups.WithLabelValues(r)
+	}
+	for _, d := range []string{"sent", "received"} {
+		m.announcements.WithLabelValues(d)
 	}
 	if reg == nil {
 		return m, nil
@@ -49,6 +75,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, err
 	}
 	if m.provideErrors, err = register(reg, m.provideErrors); err != nil {
+		return nil, err
+	}
+	if m.lookups, err = register(reg, m.lookups); err != nil {
+		return nil, err
+	}
+	if m.cachedKeys, err = register(reg, m.cachedKeys); err != nil {
+		return nil, err
+	}
+	if m.announcements, err = register(reg, m.announcements); err != nil {
+		return nil, err
+	}
+	if m.announceErrors, err = register(reg, m.announceErrors); err != nil {
 		return nil, err
 	}
 	return m, nil

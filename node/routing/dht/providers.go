@@ -1,0 +1,241 @@
+package dht
+
+import (
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// keyHash is the sha256 of a key string: the digest inside the key's CID,
+// and the form keys take in announcements and in the provider cache.
+type keyHash [32]byte
+
+// providerCache remembers which peers hold which keys, learned from
+// announcements and from DHT lookups. Content is immutable, so a holder
+// stays a holder until it says otherwise (a withdraw announcement), a
+// request to it finds nothing (Forget), or it goes away (dropPeer). An
+// entry also lapses after ttl, as a DHT record does: a withdrawal whose
+// announcement was lost costs a DHT query then, not a 404 forever.
+//
+// Memory is what bounds it: keys are 32-byte hashes, peers are interned as
+// small indexes, and at most maxKeys keys are kept (arbitrary ones are
+// dropped when full; the DHT still has them).
+type providerCache struct {
+	maxKeys int
+	ttl     time.Duration
+	now     func() time.Time
+
+	mu      sync.Mutex
+	ids     []peer.ID          // index -> peer
+	index   map[peer.ID]uint32 // peer -> index
+	holders map[keyHash][]holder
+	// forgotten holds (key, peer) pairs a request found missing: a DHT
+	// record for them is ignored until it would have expired.
+	forgotten map[forgetKey]time.Time
+}
+
+// holder is one peer holding a key, until its entry lapses.
+type holder struct {
+	peer  uint32
+	until int64 // unix nanoseconds
+}
+
+type forgetKey struct {
+	key  keyHash
+	peer uint32
+}
+
+func newProviderCache(maxKeys int, ttl time.Duration, now func() time.Time) *providerCache {
+	return &providerCache{
+		maxKeys:   maxKeys,
+		ttl:       ttl,
+		now:       now,
+		index:     make(map[peer.ID]uint32),
+		holders:   make(map[keyHash][]holder),
+		forgotten: make(map[forgetKey]time.Time),
+	}
+}
+
+func (c *providerCache) intern(p peer.ID) uint32 {
+	if i, ok := c.index[p]; ok {
+		return i
+	}
+	i := uint32(len(c.ids))
+	c.ids = append(c.ids, p)
+	c.index[p] = i
+	return i
+}
+
+// add records p as a holder of keys and returns how many it accepted.
+// fromDHT marks what a lookup found, which a recent withdrawal or Forget
+// overrides; an announcement from p itself always counts.
+func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	i := c.intern(p)
+	now := c.now()
+	accepted := 0
+	for _, k := range keys {
+		fk := forgetKey{k, i}
+		if until, ok := c.forgotten[fk]; ok {
+			if fromDHT && now.Before(until) {
+				continue
+			}
+			delete(c.forgotten, fk)
+		}
+		accepted++
+		hs, ok := c.holders[k]
+		if !ok && len(c.holders) >= c.maxKeys {
+			c.shrink()
+		}
+		until := now.Add(c.ttl).UnixNano()
+		if j := indexOf(hs, i); j >= 0 {
+			hs[j].until = until
+		} else {
+			c.holders[k] = append(hs, holder{peer: i, until: until})
+		}
+	}
+	return accepted
+}
+
+// shrink drops about a tenth of the keys. Map iteration order is random,
+// so the victims are too.
+func (c *providerCache) shrink() {
+	n := max(c.maxKeys/10, 1)
+	for k := range c.holders {
+		delete(c.holders, k)
+		if n--; n == 0 {
+			return
+		}
+	}
+}
+
+// forget drops p as a holder of keys, and ignores DHT records saying
+// otherwise for ttl (until they would have expired): p withdrew the keys,
+// or was asked and did not have them.
+func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	i := c.intern(p)
+	now := c.now()
+	for _, k := range keys {
+		c.drop(k, i)
+		c.forgotten[forgetKey{k, i}] = now.Add(ttl)
+	}
+	if len(c.forgotten) > c.maxKeys/4+64 {
+		for fk, until := range c.forgotten {
+			if !now.Before(until) {
+				delete(c.forgotten, fk)
+			}
+		}
+		if len(c.forgotten) > c.maxKeys {
+			// Markers only spare requesters a 404; memory comes first.
+			clear(c.forgotten)
+		}
+	}
+}
+
+func (c *providerCache) drop(k keyHash, i uint32) {
+	hs := c.holders[k]
+	if j := indexOf(hs, i); j >= 0 {
+		hs = append(hs[:j:j], hs[j+1:]...)
+	}
+	if len(hs) == 0 {
+		delete(c.holders, k)
+	} else {
+		c.holders[k] = hs
+	}
+}
+
+// dropPeer forgets everything p holds (p is gone for good).
+func (c *providerCache) dropPeer(p peer.ID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	i, ok := c.index[p]
+	if !ok {
+		return
+	}
+	for k, hs := range c.holders {
+		if indexOf(hs, i) >= 0 {
+			c.drop(k, i)
+		}
+	}
+}
+
+// get returns the known holders of key whose entries have not lapsed.
+func (c *providerCache) get(key keyHash) []peer.ID {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	hs := c.holders[key]
+	now := c.now().UnixNano()
+	out := make([]peer.ID, 0, len(hs))
+	for _, h := range hs {
+		if now < h.until {
+			out = append(out, c.ids[h.peer])
+		}
+	}
+	return out
+}
+
+// size returns how many keys have known holders.
+func (c *providerCache) size() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.holders)
+}
+
+func indexOf(hs []holder, i uint32) int {
+	for j, h := range hs {
+		if h.peer == i {
+			return j
+		}
+	}
+	return -1
+}
+
+// liveness tracks peers that could not be reached, so a dead node costs at
+// most one failed dial: after that, lookups skip it until it connects again
+// (or a background probe reaches it).
+type liveness struct {
+	now func() time.Time
+
+	mu   sync.Mutex
+	dead map[peer.ID]time.Time // peer -> when its dial failed
+}
+
+func newLiveness(now func() time.Time) *liveness {
+	return &liveness{now: now, dead: make(map[peer.ID]time.Time)}
+}
+
+func (l *liveness) markDead(p peer.ID) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.dead[p]; !ok {
+		l.dead[p] = l.now()
+	}
+}
+
+func (l *liveness) markAlive(p peer.ID) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.dead, p)
+}
+
+func (l *liveness) isDead(p peer.ID) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.dead[p]
+	return ok
+}
+
+// snapshot returns the dead peers and when each was found dead.
+func (l *liveness) snapshot() map[peer.ID]time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[peer.ID]time.Time, len(l.dead))
+	for p, t := range l.dead {
+		out[p] = t
+	}
+	return out
+}
