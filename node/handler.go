@@ -349,6 +349,41 @@ func (n *Node) relayPeers(w http.ResponseWriter, r *http.Request, rt oci.Route, 
 	return n.relay(w, r, rt, targets, n.cacheTargets(), sourcePeer)
 }
 
+// morePeers looks rt's blob up again before a resume and adds holders that
+// are neither in left nor among tried, ahead of the cache tier. A lookup
+// answers as soon as it knows one holder, so the first answer may have
+// named fewer than the DHT knows by now.
+func (n *Node) morePeers(ctx context.Context, rt oci.Route, left []target, tried []*routing.Peer) []target {
+	if n.cfg.Router == nil {
+		return left
+	}
+	known := map[string]bool{}
+	for _, p := range tried {
+		known[p.ID] = true
+	}
+	var peers, rest []target
+	for _, t := range left {
+		if t.peer != nil {
+			known[t.peer.ID] = true
+			peers = append(peers, t)
+		} else {
+			rest = append(rest, t)
+		}
+	}
+	lctx, cancel := context.WithTimeout(ctx, n.cfg.LookupTimeout)
+	found, err := n.cfg.Router.Lookup(lctx, rt.Digest.String(), n.cfg.MaxPeers)
+	cancel()
+	if err != nil {
+		return left
+	}
+	for _, p := range n.picker.Order(found) {
+		if !known[p.ID] {
+			peers = append(peers, target{base: p.Addr, client: n.peers, peer: &p})
+		}
+	}
+	return append(peers, rest...)
+}
+
 // forget tells the router that p answered 404 for rt's key.
 func (n *Node) forget(rt oci.Route, p routing.Peer) {
 	f, ok := n.cfg.Router.(forgetter)

@@ -483,6 +483,7 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		}
 		a.done(err)
 		n.cfg.Logger.InfoContext(ctx, "source broke mid-stream, resuming elsewhere", "digest", rt.Digest, "offset", s.start+c.n, "err", err)
+		left = n.morePeers(ctx, rt, left, served)
 		next, nt, rerr := n.resume(ctx, rt, left, span{start: s.start + c.n, end: s.end, total: s.total})
 		if rerr != nil {
 			n.abort(ctx, rt, label, fmt.Errorf("resume: %w", rerr))

@@ -18,7 +18,9 @@ fi
 out=$(mktemp -d /tmp/shoal-bench-XXXXXX)
 trap 'rm -rf "$out"' EXIT
 echo "[bench] go build shoal" >&2
-go build -o "$out/shoal" .
+# The build the node image ships (/shoal-node, see the Dockerfile): no
+# object-storage SDKs; the cache benchmarks use filesystem storage.
+go build -tags nocloud -o "$out/shoal" .
 export SHOAL_BENCH_BIN="$out/shoal"
 pattern=${1:-.}
 echo "[bench] machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2

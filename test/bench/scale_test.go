@@ -1,0 +1,244 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/shoal-oci/shoal/test/harness"
+)
+
+// BenchmarkNodeScale starts SHOAL_BENCH_NODES (50) `shoal node` processes on
+// loopback, each serving an OCI layout with SHOAL_BENCH_DIGESTS (2000)
+// digests, default flags but for the PSK and addresses, and prints per node:
+// ready time, idle CPU and RSS after the start-up has settled, and lookup
+// to first byte of a 1 MiB blob only one other node holds (first ask and
+// again), with failed lookups. Then it SIGKILLs a holder of blobs two nodes
+// hold and prints what requests for them cost at once and 10 s later.
+//
+// Targets (issue 7): idle CPU <= 1% of a core and RSS <= 64 MiB per node,
+// ready <= 10 s, lookup p50 <= 5 ms and p95 <= 20 ms, no failed lookups.
+func BenchmarkNodeScale(b *testing.B) {
+	if !onlyOnce(b) {
+		return
+	}
+	bin := requireShoal(b)
+	n := envInt("SHOAL_BENCH_NODES", 50)
+	digests := envInt("SHOAL_BENCH_DIGESTS", 2000)
+	settle := time.Duration(envInt("SHOAL_BENCH_SETTLE_S", 300)) * time.Second
+	idle := time.Duration(envInt("SHOAL_BENCH_IDLE_S", 60)) * time.Second
+
+	// Node i holds: its own image of small layers (digests-5 of them), a
+	// 1 MiB blob only it holds (own[i]), and a 1 MiB blob it shares with
+	// node i-1 (pair[i], held by i and i+1).
+	own := make([]ocispec.Descriptor, n)
+	pair := make([]ocispec.Descriptor, n)
+	dirs := make([]string, n)
+	t0 := time.Now()
+	for i := range n {
+		lay := newLayout(b, b.TempDir())
+		ls := make([]ocispec.Descriptor, 0, digests-3)
+		for j := range digests - 5 {
+			ls = append(ls, lay.put(b, "application/vnd.oci.image.layer.v1.tar", fmt.Appendf(nil, "node %d layer %d", i, j)))
+		}
+		own[i] = lay.putRandom(b, 1<<20, uint64(1000+i))
+		pair[i] = lay.putRandom(b, 1<<20, uint64(5000+i))
+		prev := lay.putRandom(b, 1<<20, uint64(5000+(i+n-1)%n)) // node i-1's pair blob
+		ls = append(ls, own[i], pair[i], prev)
+		lay.manifests = append(lay.manifests, lay.addImageNoIndex(b, fmt.Sprintf("docker.io/library/scale%d:v1", i), ls))
+		lay.writeIndex(b)
+		dirs[i] = lay.dir
+	}
+	logf("BenchmarkNodeScale: %d layouts of %d digests written in %s", n, digests, time.Since(t0).Round(time.Millisecond))
+
+	nodes := make([]*harness.ShoalNode, n)
+	ready := make([]time.Duration, n)
+	var boot []string
+	for i := range n {
+		start := time.Now()
+		nodes[i] = harness.StartShoalNode(b, harness.NodeOptions{
+			Bin: bin, Name: fmt.Sprintf("n%02d", i), LayoutDir: dirs[i], BootstrapPeers: boot,
+			ProviderTTL: 30 * time.Minute, // the default
+			Args:        []string{"--log-level", "info"},
+		})
+		ready[i] = time.Since(start)
+		if len(boot) < 3 {
+			boot = append(boot, nodes[i].RouterAddr)
+		}
+	}
+	logf("  %d nodes ready; ready after start: %s", n, summary(ready))
+
+	// Settle: the first provide of every key is start-up work, not idle
+	// cost. Wait until the nodes' total CPU rate over 10 s windows stops
+	// falling (two windows within 20% of each other), at most settle.
+	total := func() float64 {
+		var s float64
+		for _, nd := range nodes {
+			s += cpuSeconds(b, nd.PID())
+		}
+		return s
+	}
+	s0, prev := time.Now(), -1.0
+	for time.Since(s0) < settle {
+		c0 := total()
+		time.Sleep(10 * time.Second)
+		rate := (total() - c0) / 10
+		logf("  settling: all nodes together use %.1f%% of a core", 100*rate)
+		if prev >= 0 && rate >= 0.8*prev && rate <= 1.25*prev {
+			break
+		}
+		prev = rate
+	}
+	logf("  settled after %s; measuring idle CPU over %s", time.Since(s0).Round(time.Second), idle)
+	cpu0 := make([]float64, n)
+	for i, nd := range nodes {
+		cpu0[i] = cpuSeconds(b, nd.PID())
+	}
+	w0 := time.Now()
+	time.Sleep(idle)
+	wall := time.Since(w0).Seconds()
+	cpu := make([]float64, n)
+	rss := make([]float64, n)
+	for i, nd := range nodes {
+		cpu[i] = 100 * (cpuSeconds(b, nd.PID()) - cpu0[i]) / wall
+		rss[i] = vmRSS(b, nd.PID())
+	}
+	logf("  idle CPU %% of a core per node: %s", summaryF(cpu, "%.2f"))
+	logf("  VmRSS MiB per node: %s", summaryF(rss, "%.1f"))
+
+	client := newClient()
+	ttfb := func(from *harness.ShoalNode, d ocispec.Descriptor) (time.Duration, error) {
+		start := time.Now()
+		resp, err := client.Get(blobURL(from.URL(), "library/scale", d.Digest))
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		var one [1]byte
+		if _, err := io.ReadFull(resp.Body, one[:]); err != nil {
+			return 0, fmt.Errorf("%s: %w", resp.Status, err)
+		}
+		took := time.Since(start)
+		if resp.StatusCode != http.StatusOK {
+			return 0, fmt.Errorf("GET from %s: %s", from.Name, resp.Status)
+		}
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			return 0, err
+		}
+		return took, nil
+	}
+	lookups := func(what string) []time.Duration {
+		var ds []time.Duration
+		failed := 0
+		for i, nd := range nodes {
+			d, err := ttfb(nd, own[(i+n/2)%n])
+			if err != nil {
+				failed++
+				logf("    lookup from %s failed: %v", nd.Name, err)
+				continue
+			}
+			ds = append(ds, d)
+		}
+		logf("  lookup to first byte, 1 MiB blob held by one other node, %s: %s; failed %d of %d", what, summary(ds), failed, n)
+		return ds
+	}
+	first := lookups("first ask")
+	again := lookups("asked again")
+	viaCache := 0.0
+	for _, nd := range nodes {
+		viaCache += nd.Metric(b, "shoal_dht_lookups_total", `result="cache"`)
+	}
+	logf("  lookups answered from the provider cache (no DHT query), all nodes: %.0f of %d", viaCache, 2*n)
+
+	// Kill node k without notice; pair[k] is also held by node k+1.
+	k := n / 3
+	victim := nodes[k]
+	victim.Kill()
+	var afterKill, later []time.Duration
+	failed := 0
+	for _, i := range []int{(k + 5) % n, (k + 9) % n, (k + 13) % n} {
+		d, err := ttfb(nodes[i], pair[k])
+		if err != nil {
+			failed++
+			logf("    request after the kill failed: %v", err)
+			continue
+		}
+		afterKill = append(afterKill, d)
+	}
+	time.Sleep(10 * time.Second)
+	for _, i := range []int{(k + 6) % n, (k + 10) % n, (k + 14) % n, (k + 5) % n} {
+		d, err := ttfb(nodes[i], pair[k])
+		if err != nil {
+			failed++
+			logf("    request 10 s after the kill failed: %v", err)
+			continue
+		}
+		later = append(later, d)
+	}
+	logf("  holder SIGKILLed: first requests %s; 10 s later %s; failed %d", summary(afterKill), summary(later), failed)
+
+	p50, p95 := pct(first, 50), pct(first, 95)
+	maxCPU, maxRSS, maxReady := maxF(cpu), maxF(rss), maxD(ready)
+	result(b, "node/scale-idle-cpu", fmt.Sprintf("nodes=%d digests=%d idle-cpu max=%.2f%% median=%.2f%%", n, digests, maxCPU, medianF(cpu)), maxCPU/1, "<= 1% of a core per node", maxCPU <= 1)
+	result(b, "node/scale-rss", fmt.Sprintf("VmRSS max=%.1f MiB median=%.1f MiB", maxRSS, medianF(rss)), maxRSS/64, "<= 64 MiB", maxRSS <= 64)
+	result(b, "node/scale-ready", fmt.Sprintf("ready max=%s median=%s", maxReady.Round(time.Millisecond), medianD(ready).Round(time.Millisecond)), maxReady.Seconds()/10, "<= 10 s", maxReady <= 10*time.Second)
+	result(b, "node/scale-lookup", fmt.Sprintf("first ask p50=%s p95=%s, again p50=%s p95=%s, failed=%d", ms(p50), ms(p95), ms(pct(again, 50)), ms(pct(again, 95)), 2*n-len(first)-len(again)), p95.Seconds()/0.020, "p50 <= 5 ms, p95 <= 20 ms, none failed", p50 <= 5*time.Millisecond && p95 <= 20*time.Millisecond && len(first)+len(again) == 2*n)
+	result(b, "node/scale-killed-holder", fmt.Sprintf("first requests max=%s, 10 s later max=%s, failed=%d", ms(maxD(afterKill)), ms(maxD(later)), failed), maxD(later).Seconds()/0.020, "none failed; 10 s later as fast as any lookup", failed == 0 && maxD(later) <= 20*time.Millisecond)
+}
+
+func pct(ds []time.Duration, p int) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*p + 99) / 100
+	return s[min(max(i-1, 0), len(s)-1)]
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d)/1e6) }
+
+func summary(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("p50 %s, p95 %s, max %s (n=%d)", ms(pct(ds, 50)), ms(pct(ds, 95)), ms(maxD(ds)), len(ds))
+}
+
+func summaryF(v []float64, f string) string {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	parts := make([]string, len(s))
+	for i, x := range s {
+		parts[i] = fmt.Sprintf(f, x)
+	}
+	return fmt.Sprintf("median "+f+", max "+f+" (sorted: %s)", medianF(v), maxF(v), strings.Join(parts, " "))
+}
+
+func maxF(v []float64) float64 {
+	m := 0.0
+	for _, x := range v {
+		m = max(m, x)
+	}
+	return m
+}
+
+func medianF(v []float64) float64 { return median(v) }
+
+func maxD(ds []time.Duration) time.Duration {
+	var m time.Duration
+	for _, d := range ds {
+		m = max(m, d)
+	}
+	return m
+}
+
+func medianD(ds []time.Duration) time.Duration { return pct(ds, 50) }
+
+
