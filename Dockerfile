@@ -14,12 +14,13 @@ COPY . .
 RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
     go build -trimpath -ldflags "-s -w -X main.version=$VERSION" -o /out/shoal . && \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -trimpath -tags nocloud -ldflags "-s -w -X main.version=$VERSION" -o /out/shoal-node .
+    go build -trimpath -tags nocloud,nocache -ldflags "-s -w -X main.version=$VERSION" -o /out/shoal-node .
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/shoal /shoal
 # The node DaemonSet runs /shoal-node: the same CLI without the object-storage
-# SDKs (-tags nocloud), which an idle node would otherwise carry in memory.
+# SDKs (-tags nocloud) and without the cache tier (-tags nocache), which an
+# idle node would otherwise carry in memory.
 COPY --from=build /out/shoal-node /shoal-node
 # The node DaemonSet overrides this with runAsUser 0 (containerd's socket is
 # root-only); the cache and everything else run as 65532.

@@ -39,7 +39,9 @@ type Node struct {
 	cache   *http.Client
 	dialer  *net.Dialer // raw peer connections, for splice
 	bufs    sync.Pool   // *[2][]byte: the hashing relay's copy buffers
-	synced  atomic.Bool
+	// stripeBufs holds *[]byte segment buffers of striped fetches.
+	stripeBufs sync.Pool
+	synced     atomic.Bool
 }
 
 // New builds a Node. It registers its metrics on cfg.Registerer.

@@ -14,6 +14,7 @@ type metrics struct {
 	closed     prometheus.Counter
 	peerErrors prometheus.Counter
 	keys       prometheus.Gauge
+	striped    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -51,6 +52,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_node_peer_errors_total",
 			Help: "Peer answers that failed or were unusable (connection, timeout, error status, bad framing, wrong range or digest); the peer is skipped for a cool-down.",
 		}),
+		striped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_striped_transfers_total",
+			Help: "Blob transfers fetched from several peers at once as parallel ranges (blobs of at least --stripe-min-size).",
+		}),
 		keys: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "shoal_node_advertised_keys",
 			Help: "Digests and tags this node advertises to its peers.",
@@ -65,7 +70,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.bytes.WithLabelValues(src)
 		}
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.closed, m.peerErrors, m.keys} {
+	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.closed, m.peerErrors, m.keys, m.striped} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

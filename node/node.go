@@ -73,6 +73,15 @@ type Config struct {
 	// not verify. Off, blobs from peers move by splice(2) without a copy
 	// through user space; containerd verifies every blob itself.
 	VerifyBlobs bool
+	// StripeMinSize is the smallest blob (or requested range) fetched from
+	// several peers at once, as parallel ranges. Default 32 MiB.
+	StripeMinSize int64
+	// StripeMaxPeers caps how many peers one striped fetch uses; below 2,
+	// nothing is striped. Default 4.
+	StripeMaxPeers int
+	// StripeChunk is the size of one range of a striped fetch; up to two
+	// per peer are buffered. Default 4 MiB.
+	StripeChunk int64
 	// HedgeDelay is how long to wait for a peer's response headers before asking the next peer too. Default 150ms.
 	HedgeDelay time.Duration
 	// LookupTimeout bounds one DHT lookup. Default 1s.
@@ -97,6 +106,15 @@ type Config struct {
 func (c *Config) setDefaults() {
 	if c.MaxPeers <= 0 {
 		c.MaxPeers = 5
+	}
+	if c.StripeMinSize <= 0 {
+		c.StripeMinSize = 32 << 20
+	}
+	if c.StripeMaxPeers == 0 {
+		c.StripeMaxPeers = 4
+	}
+	if c.StripeChunk <= 0 {
+		c.StripeChunk = 4 << 20
 	}
 	if c.HedgeDelay <= 0 {
 		c.HedgeDelay = 150 * time.Millisecond

@@ -432,6 +432,9 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		w.WriteHeader(status)
 		return nil
 	}
+	if t.peer != nil && n.shouldStripe(r, s, rest) {
+		return n.relayStriped(w, r, rt, t, rest, resume, a, s, status, label)
+	}
 	w.WriteHeader(status)
 
 	var hasher hash.Hash

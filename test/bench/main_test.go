@@ -16,6 +16,7 @@ import (
 // when benchmarks were asked for, or taken from SHOAL_BENCH_BIN.
 var (
 	shoalBin string
+	nodeBin  string // the node image's build: -tags nocloud,nocache
 	buildErr error
 )
 
@@ -34,6 +35,16 @@ func TestMain(m *testing.M) {
 			// SDKs. The cache benchmarks use filesystem storage, which it has.
 			shoalBin, buildErr = harness.BuildShoal(dir, "-race=false", "-tags", "nocloud")
 		}
+		nodeBin = os.Getenv("SHOAL_BENCH_NODE_BIN")
+		if nodeBin == "" && buildErr == nil {
+			dir, err := os.MkdirTemp("", "shoal-bench-node-")
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "bench:", err)
+				os.Exit(1)
+			}
+			defer os.RemoveAll(dir)
+			nodeBin, buildErr = harness.BuildShoal(dir, "-race=false", "-tags", "nocloud,nocache")
+		}
 	}
 	code := m.Run()
 	os.Exit(code)
@@ -49,6 +60,17 @@ func requireShoal(b *testing.B) string {
 		b.Skip("no shoal binary (set SHOAL_BENCH_BIN or run with -bench)")
 	}
 	return shoalBin
+}
+
+// requireNode returns the node image's build of shoal (no cache tier), or
+// skips the benchmark.
+func requireNode(b *testing.B) string {
+	b.Helper()
+	requireShoal(b)
+	if nodeBin == "" {
+		b.Skip("no node binary (set SHOAL_BENCH_NODE_BIN or run with -bench)")
+	}
+	return nodeBin
 }
 
 // onlyOnce makes a benchmark run its own rounds exactly once, whatever b.N

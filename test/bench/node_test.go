@@ -41,7 +41,7 @@ func BenchmarkNodeBlob(b *testing.B) {
 	if !onlyOnce(b) {
 		return
 	}
-	bin := requireShoal(b)
+	bin := requireNode(b)
 	size := int64(envInt("SHOAL_BENCH_BLOB_MIB", 1024)) << 20
 
 	lay := newLayout(b, b.TempDir())
@@ -154,7 +154,7 @@ func BenchmarkNodeIdleRSS(b *testing.B) {
 	if !onlyOnce(b) {
 		return
 	}
-	bin := requireShoal(b)
+	bin := requireNode(b)
 	const images, layersPer = 100, 98
 	lay := newLayout(b, b.TempDir())
 	for i := 0; i < images; i++ {

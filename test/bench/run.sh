@@ -18,10 +18,11 @@ fi
 out=$(mktemp -d /tmp/shoal-bench-XXXXXX)
 trap 'rm -rf "$out"' EXIT
 echo "[bench] go build shoal" >&2
-# The build the node image ships (/shoal-node, see the Dockerfile): no
-# object-storage SDKs; the cache benchmarks use filesystem storage.
+# The builds the image ships (see the Dockerfile): /shoal for the cache tier
+# and /shoal-node (no object-storage SDKs, no cache tier) for the nodes.
 go build -tags nocloud -o "$out/shoal" .
-export SHOAL_BENCH_BIN="$out/shoal"
+go build -tags nocloud,nocache -o "$out/shoal-node" .
+export SHOAL_BENCH_BIN="$out/shoal" SHOAL_BENCH_NODE_BIN="$out/shoal-node"
 pattern=${1:-.}
 echo "[bench] machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 go test -run '^$' -bench "$pattern" -benchtime 1x -timeout 60m ./test/bench/ | tee "$out/bench.log"

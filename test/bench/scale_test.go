@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"sort"
 	"strings"
 	"testing"
@@ -22,13 +23,15 @@ import (
 // again), with failed lookups. Then it SIGKILLs a holder of blobs two nodes
 // hold and prints what requests for them cost at once and 10 s later.
 //
+// SHOAL_BENCH_NODE_ARGS adds flags to every node (to compare settings).
+//
 // Targets (issue 7): idle CPU <= 1% of a core and RSS <= 64 MiB per node,
 // ready <= 10 s, lookup p50 <= 5 ms and p95 <= 20 ms, no failed lookups.
 func BenchmarkNodeScale(b *testing.B) {
 	if !onlyOnce(b) {
 		return
 	}
-	bin := requireShoal(b)
+	bin := requireNode(b)
 	n := envInt("SHOAL_BENCH_NODES", 50)
 	digests := envInt("SHOAL_BENCH_DIGESTS", 2000)
 	settle := time.Duration(envInt("SHOAL_BENCH_SETTLE_S", 300)) * time.Second
@@ -40,6 +43,7 @@ func BenchmarkNodeScale(b *testing.B) {
 	own := make([]ocispec.Descriptor, n)
 	pair := make([]ocispec.Descriptor, n)
 	dirs := make([]string, n)
+	lays := make([]*ociLayout, n)
 	t0 := time.Now()
 	for i := range n {
 		lay := newLayout(b, b.TempDir())
@@ -54,6 +58,7 @@ func BenchmarkNodeScale(b *testing.B) {
 		lay.manifests = append(lay.manifests, lay.addImageNoIndex(b, fmt.Sprintf("docker.io/library/scale%d:v1", i), ls))
 		lay.writeIndex(b)
 		dirs[i] = lay.dir
+		lays[i] = lay
 	}
 	logf("BenchmarkNodeScale: %d layouts of %d digests written in %s", n, digests, time.Since(t0).Round(time.Millisecond))
 
@@ -65,7 +70,7 @@ func BenchmarkNodeScale(b *testing.B) {
 		nodes[i] = harness.StartShoalNode(b, harness.NodeOptions{
 			Bin: bin, Name: fmt.Sprintf("n%02d", i), LayoutDir: dirs[i], BootstrapPeers: boot,
 			ProviderTTL: 30 * time.Minute, // the default
-			Args:        []string{"--log-level", "info"},
+			Args:        append([]string{"--log-level", "info"}, strings.Fields(os.Getenv("SHOAL_BENCH_NODE_ARGS"))...),
 		})
 		ready[i] = time.Since(start)
 		if len(boot) < 3 {
@@ -111,6 +116,12 @@ func BenchmarkNodeScale(b *testing.B) {
 	}
 	logf("  idle CPU %% of a core per node: %s", summaryF(cpu, "%.2f"))
 	logf("  VmRSS MiB per node: %s", summaryF(rss, "%.1f"))
+	heap := make([]float64, n)
+	for i, nd := range nodes {
+		heap[i] = nd.Metric(b, "go_memstats_heap_inuse_bytes") / (1 << 20)
+	}
+	logf("  Go heap in use MiB per node: %s", summaryF(heap, "%.1f"))
+	logf("  node %s: RssAnon %.1f MiB, RssFile %.1f MiB", nodes[n/2].Name, procStatus(b, nodes[n/2].PID(), "RssAnon:"), procStatus(b, nodes[n/2].PID(), "RssFile:"))
 
 	client := newClient()
 	ttfb := func(from *harness.ShoalNode, d ocispec.Descriptor) (time.Duration, error) {
@@ -150,6 +161,32 @@ func BenchmarkNodeScale(b *testing.B) {
 	}
 	first := lookups("first ask")
 	again := lookups("asked again")
+
+	// Content that arrives after the cluster formed: node j gets a new
+	// image; once j advertises it, node i asks for its 1 MiB layer.
+	var fresh []time.Duration
+	freshFailed := 0
+	for r := range 10 {
+		j, i := (r*7+1)%n, (r*7+1+n/2)%n
+		before := nodes[j].Metric(b, "shoal_node_advertised_keys")
+		blob := lays[j].putRandom(b, 1<<20, uint64(9000+r))
+		lays[j].manifests = append(lays[j].manifests, lays[j].addImageNoIndex(b, fmt.Sprintf("docker.io/library/fresh%d:v1", r), []ocispec.Descriptor{blob}))
+		lays[j].writeIndex(b)
+		waitFor(b, 30*time.Second, "the new image is advertised", func() error {
+			if v := nodes[j].Metric(b, "shoal_node_advertised_keys"); v <= before {
+				return fmt.Errorf("node %d advertises %v keys", j, v)
+			}
+			return nil
+		})
+		d, err := ttfb(nodes[i], blob)
+		if err != nil {
+			freshFailed++
+			logf("    lookup of new content from %s failed: %v", nodes[i].Name, err)
+			continue
+		}
+		fresh = append(fresh, d)
+	}
+	logf("  lookup to first byte of a 1 MiB blob another node got after the cluster formed, asked right after it advertised: %s; failed %d of 10", summary(fresh), freshFailed)
 	viaCache := 0.0
 	for _, nd := range nodes {
 		viaCache += nd.Metric(b, "shoal_dht_lookups_total", `result="cache"`)
@@ -162,7 +199,16 @@ func BenchmarkNodeScale(b *testing.B) {
 	victim.Kill()
 	var afterKill, later []time.Duration
 	failed := 0
-	for _, i := range []int{(k + 5) % n, (k + 9) % n, (k + 13) % n} {
+	requesters := func(offsets ...int) []int {
+		var out []int
+		for _, o := range offsets {
+			if i := (k + o) % n; i != k && i != (k+1)%n {
+				out = append(out, i)
+			}
+		}
+		return out
+	}
+	for _, i := range requesters(2, 4, 6) {
 		d, err := ttfb(nodes[i], pair[k])
 		if err != nil {
 			failed++
@@ -172,7 +218,7 @@ func BenchmarkNodeScale(b *testing.B) {
 		afterKill = append(afterKill, d)
 	}
 	time.Sleep(10 * time.Second)
-	for _, i := range []int{(k + 6) % n, (k + 10) % n, (k + 14) % n, (k + 5) % n} {
+	for _, i := range requesters(2, 3, 5, 7) {
 		d, err := ttfb(nodes[i], pair[k])
 		if err != nil {
 			failed++
@@ -189,6 +235,8 @@ func BenchmarkNodeScale(b *testing.B) {
 	result(b, "node/scale-rss", fmt.Sprintf("VmRSS max=%.1f MiB median=%.1f MiB", maxRSS, medianF(rss)), maxRSS/64, "<= 64 MiB", maxRSS <= 64)
 	result(b, "node/scale-ready", fmt.Sprintf("ready max=%s median=%s", maxReady.Round(time.Millisecond), medianD(ready).Round(time.Millisecond)), maxReady.Seconds()/10, "<= 10 s", maxReady <= 10*time.Second)
 	result(b, "node/scale-lookup", fmt.Sprintf("first ask p50=%s p95=%s, again p50=%s p95=%s, failed=%d", ms(p50), ms(p95), ms(pct(again, 50)), ms(pct(again, 95)), 2*n-len(first)-len(again)), p95.Seconds()/0.020, "p50 <= 5 ms, p95 <= 20 ms, none failed", p50 <= 5*time.Millisecond && p95 <= 20*time.Millisecond && len(first)+len(again) == 2*n)
+	fp50, fp95 := pct(fresh, 50), pct(fresh, 95)
+	result(b, "node/scale-lookup-new", fmt.Sprintf("content added after start: p50=%s p95=%s failed=%d", ms(fp50), ms(fp95), freshFailed), fp95.Seconds()/0.020, "p50 <= 5 ms, p95 <= 20 ms, none failed", fp50 <= 5*time.Millisecond && fp95 <= 20*time.Millisecond && freshFailed == 0)
 	result(b, "node/scale-killed-holder", fmt.Sprintf("first requests max=%s, 10 s later max=%s, failed=%d", ms(maxD(afterKill)), ms(maxD(later)), failed), maxD(later).Seconds()/0.020, "none failed; 10 s later as fast as any lookup", failed == 0 && maxD(later) <= 20*time.Millisecond)
 }
 
@@ -240,5 +288,3 @@ func maxD(ds []time.Duration) time.Duration {
 }
 
 func medianD(ds []time.Duration) time.Duration { return pct(ds, 50) }
-
-

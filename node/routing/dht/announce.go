@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -29,6 +30,14 @@ const (
 	// maxAnnounceKeys bounds one message (128 KiB of hashes); a bigger
 	// batch goes out as several.
 	maxAnnounceKeys = 4096
+	// meshSettle is how long the topic must have had peers before the
+	// first announcements go out. Gossipsub drops what is published before
+	// its streams to a peer are up, and a node's first announcement is its
+	// whole snapshot: it is held back until then.
+	meshSettle = 2 * time.Second
+	// maxPending bounds what is held back (2 MiB); older messages are
+	// dropped first (the DHT still carries their keys).
+	maxPending = 16
 )
 
 // announcement is a decoded message.
@@ -112,9 +121,47 @@ func (r *Router) startAnnouncements(ctx context.Context) error {
 }
 
 // announce publishes keys (best effort: a failure is counted and logged,
-// the DHT still has them).
+// the DHT still has them). Until the topic has had peers for meshSettle,
+// messages are held back and sent in order then.
 func (r *Router) announce(ctx context.Context, op byte, keys []keyHash) {
-	for _, msg := range encodeAnnouncements(op, keys) {
+	msgs := encodeAnnouncements(op, keys)
+	r.annMu.Lock()
+	if !r.annLive {
+		r.pending = append(r.pending, msgs...)
+		if over := len(r.pending) - maxPending; over > 0 {
+			r.pending = append(r.pending[:0:0], r.pending[over:]...)
+		}
+		r.annMu.Unlock()
+		return
+	}
+	r.annMu.Unlock()
+	r.publish(ctx, msgs)
+}
+
+// releasePending is called every tick until it returns true: once the topic
+// has had peers for meshSettle, it sends what announce held back.
+func (r *Router) releasePending(ctx context.Context, now time.Time) bool {
+	if len(r.topic.ListPeers()) == 0 {
+		r.meshSince = time.Time{}
+		return false
+	}
+	if r.meshSince.IsZero() {
+		r.meshSince = now
+	}
+	if now.Sub(r.meshSince) < meshSettle {
+		return false
+	}
+	r.annMu.Lock()
+	r.annLive = true
+	msgs := r.pending
+	r.pending = nil
+	r.annMu.Unlock()
+	r.publish(ctx, msgs)
+	return true
+}
+
+func (r *Router) publish(ctx context.Context, msgs [][]byte) {
+	for _, msg := range msgs {
 		if err := r.topic.Publish(ctx, msg); err != nil {
 			r.metrics.announceErrors.Inc()
 			r.log.Debug("announcement not published", "keys", (len(msg)-2)/32, "error", err)

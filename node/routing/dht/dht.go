@@ -146,6 +146,13 @@ type Router struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	probing map[peer.ID]bool // peers probeSoon is dialling; under mu
+
+	annMu     sync.Mutex
+	annLive   bool      // announcements go out at once (the mesh is up)
+	pending   [][]byte  // announcements held back until then
+	meshSince time.Time // when the topic first had peers; maintainLoop only
+
 	mu           sync.Mutex
 	keys         map[keyHash]struct{} // advertised keys
 	bootstrapped map[peer.ID]peer.AddrInfo
@@ -227,6 +234,7 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		cache:        newProviderCache(cfg.ProviderCacheKeys, cfg.ProviderTTL, time.Now),
 		live:         newLiveness(time.Now),
 		keys:         make(map[keyHash]struct{}),
+		probing:      make(map[peer.ID]bool),
 		bootstrapped: make(map[peer.ID]peer.AddrInfo),
 	}
 	r.dht, err = kad.New(h,
@@ -273,6 +281,14 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 	}
 	h.Network().Notify(&network.NotifyBundle{
 		ConnectedF: func(_ network.Network, c network.Conn) { r.live.markAlive(c.RemotePeer()) },
+		// A peer whose last connection closed is dialled again at once, off
+		// the request path: a node that died (its connections reset) is
+		// marked dead within one dial, before any lookup offers it.
+		DisconnectedF: func(nw network.Network, c network.Conn) {
+			if id := c.RemotePeer(); nw.Connectedness(id) != network.Connected {
+				r.probeSoon(id)
+			}
+		},
 	})
 	r.log.Info("dht started", "peer", h.ID(), "addrs", r.Addrs(), "zone", cfg.Zone, "provider_ttl", cfg.ProviderTTL)
 
@@ -490,7 +506,8 @@ func (r *Router) hashes(keys []string) ([]keyHash, []mh.Multihash, error) {
 	return hashes, mhs, nil
 }
 
-// maintainLoop keeps the peers gauge current, and probes dead peers every
+// maintainLoop releases the announcements held back at start (see
+// announce), keeps the peers gauge current, and probes dead peers every
 // deadPeerProbeInterval in the background (so no request pays for it). A
 // peer dead for deadPeerForgetAfter is dropped from the cache.
 func (r *Router) maintainLoop() {
@@ -499,16 +516,51 @@ func (r *Router) maintainLoop() {
 	defer gauge.Stop()
 	probe := time.NewTicker(deadPeerProbeInterval)
 	defer probe.Stop()
+	start := time.NewTicker(250 * time.Millisecond)
+	defer start.Stop()
+	startC := start.C // until the held-back announcements are out
 	for {
 		select {
 		case <-r.ctx.Done():
 			return
+		case now := <-startC:
+			if r.releasePending(r.ctx, now) {
+				start.Stop()
+				startC = nil
+			}
 		case <-gauge.C:
 			r.metrics.peers.Set(float64(r.dht.RoutingTable().Size()))
 		case <-probe.C:
 			r.probeDead()
 		}
 	}
+}
+
+// probeSoon dials id in the background (once at a time per peer) and marks
+// it dead if that fails.
+func (r *Router) probeSoon(id peer.ID) {
+	r.mu.Lock()
+	if r.closed || r.probing[id] {
+		r.mu.Unlock()
+		return
+	}
+	r.probing[id] = true
+	r.wg.Add(1)
+	r.mu.Unlock()
+	go func() {
+		defer r.wg.Done()
+		defer func() {
+			r.mu.Lock()
+			delete(r.probing, id)
+			r.mu.Unlock()
+		}()
+		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)
+		defer cancel()
+		if err := r.host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil && r.ctx.Err() == nil {
+			r.live.markDead(id)
+			r.log.Debug("peer gone", "peer", id, "error", err)
+		}
+	}()
 }
 
 func (r *Router) probeDead() {

@@ -297,6 +297,11 @@ func TestDeadProviderStopsBeingReturned(t *testing.T) {
 	if !rs[2].live.isDead(rs[1].host.ID()) {
 		t.Fatal("the dead node is not marked dead")
 	}
+	// Node 0 never looked it up, yet it knows too: the closed connection
+	// made it dial the peer again, off the request path.
+	waitFor(t, 3*time.Second, "node 0 marks the dead node dead without a lookup", func() bool {
+		return rs[0].live.isDead(rs[1].host.ID())
+	})
 	for range 3 {
 		got := lookupIDs(t, rs[2], key)
 		if slices.Contains(got, dead) {
