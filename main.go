@@ -37,6 +37,9 @@ import (
 	"github.com/shoal-oci/shoal/oci"
 )
 
+// nodeGCPercent is the node's garbage-collection target unless GOGC is set.
+const nodeGCPercent = 50
+
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
@@ -396,6 +399,13 @@ func runNode(args []string, stderr io.Writer) error {
 	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others get 404 so containerd moves on (default: empty, every registry)")
 	if err := f.parse(args); err != nil {
 		return err
+	}
+	// An idle node's heap is mostly what it knows about peers' content;
+	// collecting at 50% growth instead of Go's 100% keeps its memory
+	// within what a DaemonSet pod on every node should cost. GOGC, when
+	// set, still decides.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(nodeGCPercent)
 	}
 	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
 	if err != nil {

@@ -312,6 +312,7 @@ func (n *Node) stripeWorker(ctx context.Context, rt oci.Route, st *stripe, src t
 		if err != nil {
 			if ctx.Err() == nil && src.peer != nil {
 				n.metrics.peerErrors.Inc()
+				n.metrics.resumes.Inc() // its segments resume on the others
 				n.cfg.Logger.InfoContext(ctx, "striping peer failed; its segments move to the others", "peer", src.peer.ID, "err", err)
 			}
 			return

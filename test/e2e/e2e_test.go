@@ -226,13 +226,23 @@ func requestErr(method, url string, hdr ...string) (*http.Response, []byte, erro
 // daemons are built with -race when the tests are).
 func requireNoPanic(t *testing.T, sites ...*site) {
 	t.Helper()
-	for _, s := range sites {
-		log := s.shoal.Log()
+	nodes := make([]*harness.ShoalNode, len(sites))
+	for i, s := range sites {
+		nodes[i] = s.shoal
+	}
+	requireNoPanicNodes(t, nodes...)
+}
+
+// requireNoPanicNodes fails the test if a node logged a panic or a race.
+func requireNoPanicNodes(t *testing.T, nodes ...*harness.ShoalNode) {
+	t.Helper()
+	for _, n := range nodes {
+		log := n.Log()
 		if strings.Contains(strings.ToLower(log), "panic") {
-			t.Errorf("node %s logged a panic", s.name)
+			t.Errorf("node %s logged a panic", n.Name)
 		}
 		if strings.Contains(log, "WARNING: DATA RACE") {
-			t.Errorf("node %s reported a data race", s.name)
+			t.Errorf("node %s reported a data race", n.Name)
 		}
 	}
 }

@@ -195,6 +195,6 @@ func (r *Router) receiveAnnouncements(ctx context.Context, sub *pubsub.Subscript
 		case opRemove:
 			r.cache.forget(from, r.cfg.ProviderTTL, a.keys...)
 		}
-		r.metrics.cachedKeys.Set(float64(r.cache.size()))
+		r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 	}
 }

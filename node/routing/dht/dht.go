@@ -489,7 +489,7 @@ func (r *Router) Forget(key, peerID string) {
 		return
 	}
 	r.cache.forget(id, r.cfg.ProviderTTL, hashKey(key))
-	r.metrics.cachedKeys.Set(float64(r.cache.size()))
+	r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 }
 
 func (r *Router) hashes(keys []string) ([]keyHash, []mh.Multihash, error) {
@@ -577,7 +577,7 @@ func (r *Router) probeDead() {
 			r.live.markAlive(id)
 		}
 	}
-	r.metrics.cachedKeys.Set(float64(r.cache.size()))
+	r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 }
 
 // bootstrapLoop dials the bootstrap peers at start and every
@@ -680,7 +680,7 @@ func (r *Router) query(h keyHash, c cid.Cid, key string, first chan<- routing.Pe
 	wg.Wait()
 	once.Do(func() {})
 	close(first)
-	r.metrics.cachedKeys.Set(float64(r.cache.size()))
+	r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 }
 
 // reachableAll returns up to max of ids as Peers, in order, leaving out

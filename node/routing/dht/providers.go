@@ -19,17 +19,20 @@ type keyHash [32]byte
 // announcement was lost costs a DHT query then, not a 404 forever.
 //
 // Memory is what bounds it: keys are 32-byte hashes, peers are interned as
-// small indexes, and at most maxKeys keys are kept (arbitrary ones are
+// small indexes, a key with one holder (the common case) takes one map
+// entry of 40 bytes, and at most maxKeys keys are kept (arbitrary ones are
 // dropped when full; the DHT still has them).
 type providerCache struct {
 	maxKeys int
 	ttl     time.Duration
 	now     func() time.Time
 
-	mu      sync.Mutex
-	ids     []peer.ID          // index -> peer
-	index   map[peer.ID]uint32 // peer -> index
-	holders map[keyHash][]holder
+	mu    sync.Mutex
+	epoch time.Time          // holder.until counts seconds from here
+	ids   []peer.ID          // index -> peer
+	index map[peer.ID]uint32 // peer -> index
+	one   map[keyHash]holder   // keys with exactly one holder
+	many  map[keyHash][]holder // keys with more
 	// forgotten holds (key, peer) pairs a request found missing: a DHT
 	// record for them is ignored until it would have expired.
 	forgotten map[forgetKey]time.Time
@@ -38,7 +41,7 @@ type providerCache struct {
 // holder is one peer holding a key, until its entry lapses.
 type holder struct {
 	peer  uint32
-	until int64 // unix nanoseconds
+	until uint32 // seconds after the cache's epoch
 }
 
 type forgetKey struct {
@@ -51,10 +54,39 @@ func newProviderCache(maxKeys int, ttl time.Duration, now func() time.Time) *pro
 		maxKeys:   maxKeys,
 		ttl:       ttl,
 		now:       now,
+		epoch:     now(),
 		index:     make(map[peer.ID]uint32),
-		holders:   make(map[keyHash][]holder),
+		one:       make(map[keyHash]holder),
+		many:      make(map[keyHash][]holder),
 		forgotten: make(map[forgetKey]time.Time),
 	}
+}
+
+// holders returns k's holders; the slice may be modified and passed to set.
+func (c *providerCache) holders(k keyHash) []holder {
+	if h, ok := c.one[k]; ok {
+		return []holder{h}
+	}
+	return c.many[k]
+}
+
+func (c *providerCache) set(k keyHash, hs []holder) {
+	switch len(hs) {
+	case 0:
+		delete(c.one, k)
+		delete(c.many, k)
+	case 1:
+		c.one[k] = hs[0]
+		delete(c.many, k)
+	default:
+		c.many[k] = hs
+		delete(c.one, k)
+	}
+}
+
+func (c *providerCache) seconds(t time.Time) uint32 {
+	d := t.Sub(c.epoch) / time.Second
+	return uint32(min(max(d, 0), 1<<32-1))
 }
 
 func (c *providerCache) intern(p peer.ID) uint32 {
@@ -85,16 +117,17 @@ func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 			delete(c.forgotten, fk)
 		}
 		accepted++
-		hs, ok := c.holders[k]
-		if !ok && len(c.holders) >= c.maxKeys {
+		hs := c.holders(k)
+		if len(hs) == 0 && c.size() >= c.maxKeys {
 			c.shrink()
 		}
-		until := now.Add(c.ttl).UnixNano()
+		until := c.seconds(now.Add(c.ttl))
 		if j := indexOf(hs, i); j >= 0 {
 			hs[j].until = until
 		} else {
-			c.holders[k] = append(hs, holder{peer: i, until: until})
+			hs = append(hs, holder{peer: i, until: until})
 		}
+		c.set(k, hs)
 	}
 	return accepted
 }
@@ -103,8 +136,14 @@ func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 // so the victims are too.
 func (c *providerCache) shrink() {
 	n := max(c.maxKeys/10, 1)
-	for k := range c.holders {
-		delete(c.holders, k)
+	for k := range c.one {
+		delete(c.one, k)
+		if n--; n == 0 {
+			return
+		}
+	}
+	for k := range c.many {
+		delete(c.many, k)
 		if n--; n == 0 {
 			return
 		}
@@ -137,14 +176,9 @@ func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
 }
 
 func (c *providerCache) drop(k keyHash, i uint32) {
-	hs := c.holders[k]
+	hs := c.holders(k)
 	if j := indexOf(hs, i); j >= 0 {
-		hs = append(hs[:j:j], hs[j+1:]...)
-	}
-	if len(hs) == 0 {
-		delete(c.holders, k)
-	} else {
-		c.holders[k] = hs
+		c.set(k, append(hs[:j:j], hs[j+1:]...))
 	}
 }
 
@@ -156,7 +190,12 @@ func (c *providerCache) dropPeer(p peer.ID) {
 	if !ok {
 		return
 	}
-	for k, hs := range c.holders {
+	for k, h := range c.one {
+		if h.peer == i {
+			delete(c.one, k)
+		}
+	}
+	for k, hs := range c.many {
 		if indexOf(hs, i) >= 0 {
 			c.drop(k, i)
 		}
@@ -167,8 +206,8 @@ func (c *providerCache) dropPeer(p peer.ID) {
 func (c *providerCache) get(key keyHash) []peer.ID {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	hs := c.holders[key]
-	now := c.now().UnixNano()
+	hs := c.holders(key)
+	now := c.seconds(c.now())
 	out := make([]peer.ID, 0, len(hs))
 	for _, h := range hs {
 		if now < h.until {
@@ -178,12 +217,14 @@ func (c *providerCache) get(key keyHash) []peer.ID {
 	return out
 }
 
-// size returns how many keys have known holders.
-func (c *providerCache) size() int {
+// Len returns how many keys have known holders.
+func (c *providerCache) Len() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return len(c.holders)
+	return c.size()
 }
+
+func (c *providerCache) size() int { return len(c.one) + len(c.many) }
 
 func indexOf(hs []holder, i uint32) int {
 	for j, h := range hs {

@@ -56,7 +56,7 @@ func TestProviderCacheIsBounded(t *testing.T) {
 		c.add(peer.ID("p"), false, hashKey(string(rune(i))))
 		c.forget(peer.ID("q"), time.Hour, hashKey(string(rune(i))))
 	}
-	if n := c.size(); n > 50 {
+	if n := c.Len(); n > 50 {
 		t.Fatalf("cache holds %d keys, bound is 50", n)
 	}
 	if bound := 50/4 + 64 + 1; len(c.forgotten) > bound {
