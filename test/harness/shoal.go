@@ -64,6 +64,10 @@ type NodeOptions struct {
 	NoPSK bool
 	// Args are extra command-line flags.
 	Args []string
+	// NetNS runs the node inside this network namespace (ip netns exec),
+	// listening on ListenIP, which must be one of the namespace's addresses.
+	NetNS    string
+	ListenIP string
 }
 
 // ShoalNode is a running `shoal node` process owned by one test.
@@ -93,14 +97,22 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 		o.Registries = []string{"docker.io"}
 	}
 	dir := t.TempDir()
+	ip := "127.0.0.1"
+	if o.ListenIP != "" {
+		ip = o.ListenIP
+	}
 	n := &ShoalNode{
 		Proc:         newProc(t, "node", o.Name, dir),
-		RegistryAddr: fmt.Sprintf("127.0.0.1:%d", FreePort(t)),
+		RegistryAddr: fmt.Sprintf("%s:%d", ip, FreePort(t)),
 		DataDir:      filepath.Join(dir, "data"),
 	}
+	if o.ListenIP != "" {
+		_, port, _ := strings.Cut(n.MetricsAddr, ":")
+		n.MetricsAddr = ip + ":" + port
+	}
 	if !o.NoRouter {
-		n.RouterAddr = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
-		n.PeerAddr = fmt.Sprintf("127.0.0.1:%d", FreePort(t))
+		n.RouterAddr = fmt.Sprintf("%s:%d", ip, FreePort(t))
+		n.PeerAddr = fmt.Sprintf("%s:%d", ip, FreePort(t))
 	}
 	args := []string{"node",
 		"--registry-addr", n.RegistryAddr,
@@ -133,7 +145,13 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 	}
 	args = append(args, o.Args...)
 
-	n.start(t, o.Bin, args)
+	bin := o.Bin
+	if o.NetNS != "" {
+		// ip netns exec execs the binary, so the PID stays the node's.
+		args = append([]string{"netns", "exec", o.NetNS, o.Bin}, args...)
+		bin = "ip"
+	}
+	n.start(t, bin, args)
 	return n
 }
 

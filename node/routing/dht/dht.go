@@ -108,7 +108,10 @@ type Config struct {
 	// the TTL. Default DefaultProviderTTL.
 	ProviderTTL time.Duration
 	// ReplicationFactor is how many of the closest peers get each provider
-	// record. Default DefaultReplicationFactor.
+	// record. Default DefaultReplicationFactor: half of kad-dht's 20, which
+	// is sized for the churn of the open internet; in a cluster nodes are
+	// stable, each holder keeps its own record, and every record costs its
+	// keepers about 230 bytes each.
 	ReplicationFactor int
 	// ProviderCacheKeys bounds how many keys the provider cache remembers
 	// holders for (about 100 bytes each). Default DefaultProviderCacheKeys.
