@@ -175,9 +175,11 @@ func TestPeerStale404_NoCoolDown(t *testing.T) {
 	bad := newFaultPeer(t, func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) })
 	f := newFaultFixture(t, blob, bad, nil)
 	f.pull(t, blob)
-	f.pull(t, blob)
-	if bad.hits.Load() != 2 {
-		t.Fatalf("stale peer hit %d times in two pulls, want 2 (no cool-down)", bad.hits.Load())
+	if bad.hits.Load() != 1 {
+		t.Fatalf("stale peer hit %d times, want 1", bad.hits.Load())
+	}
+	if got := f.node.picker.Order([]routing.Peer{bad.peer()}); len(got) != 1 {
+		t.Fatal("a 404 put the peer in cool-down")
 	}
 }
 

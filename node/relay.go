@@ -254,7 +254,11 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 	}
 	var resp *http.Response
 	if t.peer != nil && method == http.MethodGet && rt.Kind == oci.KindBlob && !n.cfg.VerifyBlobs {
-		resp, err = rawGet(ctx, n.dialer, req, n.cfg.IdleTimeout)
+		d := n.dialer
+		if strings.HasSuffix(rng, "-") {
+			d = n.chunkDialer
+		}
+		resp, err = rawGet(ctx, d, req, n.cfg.IdleTimeout)
 	} else {
 		resp, err = t.client.Do(req)
 		if err == nil {

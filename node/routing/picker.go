@@ -19,6 +19,7 @@ type Picker struct {
 	now      func() time.Time
 
 	mu       sync.Mutex
+	calls    int // Order calls, to rotate ties
 	inFlight map[string]int
 	until    map[string]time.Time // peer ID -> end of its cool-down
 }
@@ -40,16 +41,21 @@ func NewPicker(zone string, coolDown time.Duration, now func() time.Time) *Picke
 }
 
 // Order returns a new slice with the peers that are not in cool-down: peers
-// in the picker's zone first, then fewest requests in flight. Ties keep their
-// input order. The input slice is not modified.
+// in the picker's zone first, then fewest requests in flight. Ties rotate
+// from one call to the next (the first call keeps the input order), so
+// requests that arrive together, before any is in flight, still spread over
+// the peers. The input slice is not modified.
 func (p *Picker) Order(peers []Peer) []Peer {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	now := p.now()
+	rot := p.calls
+	p.calls++
 	type entry struct {
 		peer     Peer
 		sameZone bool
 		inFlight int
+		turn     int
 	}
 	entries := make([]entry, 0, len(peers))
 	for _, peer := range peers {
@@ -65,11 +71,17 @@ func (p *Picker) Order(peers []Peer) []Peer {
 			inFlight: p.inFlight[peer.ID],
 		})
 	}
+	for i := range entries {
+		entries[i].turn = (i - rot%len(entries) + len(entries)) % len(entries)
+	}
 	sort.SliceStable(entries, func(i, j int) bool {
 		if entries[i].sameZone != entries[j].sameZone {
 			return entries[i].sameZone
 		}
-		return entries[i].inFlight < entries[j].inFlight
+		if entries[i].inFlight != entries[j].inFlight {
+			return entries[i].inFlight < entries[j].inFlight
+		}
+		return entries[i].turn < entries[j].turn
 	})
 	out := make([]Peer, len(entries))
 	for i, e := range entries {

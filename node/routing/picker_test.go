@@ -130,3 +130,27 @@ func TestPickerConcurrentUse(t *testing.T) {
 		t.Fatalf("in-flight not back to zero: %v", p.inFlight)
 	}
 }
+
+// Requests that arrive together, before any is in flight, spread over the
+// peers: ties rotate from one Order call to the next.
+func TestPickerRotatesTies(t *testing.T) {
+	p := NewPicker("", time.Minute, nil)
+	peers := []Peer{{ID: "a"}, {ID: "b"}, {ID: "c"}}
+	firsts := map[string]int{}
+	for range 6 {
+		firsts[p.Order(peers)[0].ID]++
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		if firsts[id] != 2 {
+			t.Fatalf("first picks over 6 calls: %v, want 2 each", firsts)
+		}
+	}
+	// Load still comes first: a busy peer is not picked first.
+	done := p.Start(Peer{ID: "a"})
+	defer done(nil)
+	for range 3 {
+		if got := p.Order(peers)[0].ID; got == "a" {
+			t.Fatal("the busy peer was picked first")
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"archive/tar"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -61,6 +62,39 @@ func (l *ociLayout) putRandom(b testing.TB, size int64, seed uint64) ocispec.Des
 	h := sha256.New()
 	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 1})
 	if _, err := io.CopyN(io.MultiWriter(tmp, h), src, size); err != nil {
+		b.Fatal(err)
+	}
+	if err := tmp.Close(); err != nil {
+		b.Fatal(err)
+	}
+	d := digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(h.Sum(nil)))
+	if err := os.Rename(tmp.Name(), l.blobPath(d)); err != nil {
+		b.Fatal(err)
+	}
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: d, Size: size}
+}
+
+// putRandomTar stores an uncompressed tar layer of exactly size bytes (a
+// multiple of 512, at least 2048): one file of pseudo-random bytes, so
+// containerd can unpack it.
+func (l *ociLayout) putRandomTar(b testing.TB, size int64, seed uint64) ocispec.Descriptor {
+	b.Helper()
+	tmp, err := os.CreateTemp(filepath.Join(l.dir, "blobs"), "tmp-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := sha256.New()
+	w := io.MultiWriter(tmp, h)
+	fileSize := size - 512 - 1024
+	tw := tar.NewWriter(w)
+	if err := tw.WriteHeader(&tar.Header{Name: "random.bin", Mode: 0o644, Size: fileSize, Typeflag: tar.TypeReg}); err != nil {
+		b.Fatal(err)
+	}
+	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 2})
+	if _, err := io.CopyN(tw, src, fileSize); err != nil {
+		b.Fatal(err)
+	}
+	if err := tw.Close(); err != nil { // writes the two zero blocks
 		b.Fatal(err)
 	}
 	if err := tmp.Close(); err != nil {
