@@ -33,7 +33,7 @@ const (
 // open-ended range. A client such as containerd's chunked fetch reads its
 // chunk and hangs up; whatever the peer sent beyond it was wasted uplink.
 // Linux doubles it, and 1 MiB in flight still fills a 10 Gbit/s LAN link.
-const chunkRcvBuf = 512 << 10
+const chunkRcvBuf = 128 << 10
 
 // Node is the per-node mirror. It implements http.Handler for the registry
 // port and runs the advertiser that keeps the DHT in step with the store.

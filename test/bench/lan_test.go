@@ -103,6 +103,11 @@ func BenchmarkLAN(b *testing.B) {
 	for i := range lays {
 		lays[i] = newLayout(b, b.TempDir())
 	}
+	// R itself holds "pulllocal": its pull costs what does not depend on
+	// the network (containerd writing, hashing and unpacking the layer).
+	p0 := lays[0].putRandomTar(b, pullSize, 909)
+	lays[0].manifests = append(lays[0].manifests, lays[0].addImageNoIndex(b, "docker.io/library/pulllocal:v1", []ocispec.Descriptor{p0}))
+	lays[0].writeIndex(b)
 	for i := 1; i <= 3; i++ {
 		if i == 1 {
 			l1 = lays[i].putRandomTar(b, size, 101)
@@ -203,6 +208,7 @@ func BenchmarkLAN(b *testing.B) {
 	pt := sideBySide(b, rounds, "s",
 		contender{"one-holder", pull("docker.io/library/pullone:v1")},
 		contender{"three-holders", pull("docker.io/library/pullthree:v1")},
+		contender{"on-R-itself", pull("docker.io/library/pulllocal:v1")},
 	)
-	result(b, "lan/containerd-chunked-three-vs-one", fmt.Sprintf("%d MiB layer: three %.2f s, one %.2f s (containerd 2.4, 4 downloads x 4 MiB chunks, unpack included)", pullSize>>20, pt[1], pt[0]), pt[0]/pt[1], ">= 2.5x faster", pt[0]/pt[1] >= 2.5)
+	result(b, "lan/containerd-chunked-three-vs-one", fmt.Sprintf("%d MiB layer: three %.2f s, one %.2f s, held by R itself %.2f s (containerd 2.4, 4 downloads x 4 MiB chunks, unpack included)", pullSize>>20, pt[1], pt[0], pt[2]), pt[0]/pt[1], ">= 2.5x faster", pt[0]/pt[1] >= 2.5)
 }
