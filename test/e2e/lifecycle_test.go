@@ -142,7 +142,17 @@ func TestContainerdRestartRecovers(t *testing.T) {
 	})
 
 	a.ctrd.Restart(t)
-	time.Sleep(500 * time.Millisecond)
+	// Node A notices (its event stream breaks and it subscribes again),
+	// and stays up.
+	eventually(t, 15*time.Second, "A resubscribes to the restarted containerd", func() error {
+		if !a.shoal.Alive() {
+			return nil // reported below
+		}
+		if v, err := a.shoal.MetricErr("shoal_store_resubscribes_total"); err != nil || v < 1 {
+			return fmt.Errorf("resubscribes %v (%v)", v, err)
+		}
+		return nil
+	})
 	if !a.shoal.Alive() {
 		t.Fatalf("shoal node A exited when containerd restarted: %v", a.shoal.ExitErr())
 	}
