@@ -43,8 +43,7 @@ func TestStripedFetchSurvivesKilledHolder(t *testing.T) {
 		Args: []string{"--stripe-min-size", "16MiB"},
 	})
 	url := req.URL() + "/v2/library/striped/blobs/" + ld.String() + "?ns=docker.io"
-	// R must know all three holders before the fetch starts.
-	eventually(t, 15*time.Second, "R's lookups find all three holders", func() error {
+	eventually(t, 15*time.Second, "R finds the blob and the holders advertise it", func() error {
 		resp, _, err := requestErr(http.MethodHead, url)
 		if err != nil {
 			return err
@@ -60,17 +59,22 @@ func TestStripedFetchSurvivesKilledHolder(t *testing.T) {
 		return nil
 	})
 
-	// A first, undisturbed fetch: all three holders serve part of it.
-	before := make([]float64, len(holders))
-	for i, h := range holders {
-		before[i] = h.Metric(t, "shoal_node_served_bytes_total", `source="local"`)
-	}
-	fetchAndCheck(t, url, ld.String(), size, 0, nil)
-	for i, h := range holders {
-		if got := h.Metric(t, "shoal_node_served_bytes_total", `source="local"`) - before[i]; got <= 0 {
-			t.Errorf("%s served nothing of a striped fetch", h.Name)
+	// Undisturbed fetches, until R knows every holder (its first lookup
+	// may answer with the first holder the DHT found): then all three
+	// serve part of one fetch.
+	eventually(t, 30*time.Second, "one striped fetch draws on all three holders", func() error {
+		before := make([]float64, len(holders))
+		for i, h := range holders {
+			before[i] = h.Metric(t, "shoal_node_served_bytes_total", `source="local"`)
 		}
-	}
+		fetchAndCheck(t, url, ld.String(), size, 0, nil)
+		for i, h := range holders {
+			if got := h.Metric(t, "shoal_node_served_bytes_total", `source="local"`) - before[i]; got <= 0 {
+				return fmt.Errorf("%s served nothing of a striped fetch", h.Name)
+			}
+		}
+		return nil
+	})
 	if v := req.Metric(t, "shoal_node_striped_transfers_total"); v < 1 {
 		t.Fatalf("shoal_node_striped_transfers_total on R = %v, want >= 1", v)
 	}
