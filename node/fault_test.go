@@ -100,6 +100,12 @@ func TestPeerFaults_PullCompletesFromNextSource(t *testing.T) {
 			_, _ = io.WriteString(w, `{"errors":[{"code":"DIGEST_INVALID","message":"nope"}]}`)
 		}},
 		{"status_403", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "denied", 403) }},
+		{"claims_empty", func(w http.ResponseWriter, r *http.Request) {
+			// Found by FuzzPeerResponse: a 200 with no bytes for a blob
+			// that is not the empty one.
+			w.Header().Set("Content-Length", "0")
+			w.WriteHeader(200)
+		}},
 		{"chunked_no_length", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Docker-Content-Digest", d.String())
 			w.WriteHeader(200)

@@ -386,6 +386,11 @@ func checkBlob(rt oci.Route, resp *http.Response, rng string) (span, error) {
 	if dh := resp.Header.Get("Docker-Content-Digest"); dh != "" && dh != rt.Digest.String() {
 		return span{}, fmt.Errorf("source answered %s with digest %s", rt.Digest, dh)
 	}
+	if s.total == 0 && rt.Digest != emptyDigest(rt.Digest) {
+		// Only the empty blob has no bytes: anything else claiming to be
+		// empty would hand the client a body that can never verify.
+		return span{}, fmt.Errorf("source claims %s is empty", rt.Digest)
+	}
 	if rng == "" {
 		if resp.StatusCode != http.StatusOK {
 			return span{}, fmt.Errorf("source answered a whole-blob request with %d", resp.StatusCode)
@@ -404,6 +409,15 @@ func checkBlob(rt oci.Route, resp *http.Response, rng string) (span, error) {
 		return span{}, fmt.Errorf("source answered bytes %d-%d/%d for range %q", s.start, s.end, s.total, rng)
 	}
 	return s, nil
+}
+
+// emptyDigest is the digest of no bytes, in d's algorithm ("" if that
+// algorithm is not available).
+func emptyDigest(d digest.Digest) digest.Digest {
+	if !d.Algorithm().Available() {
+		return ""
+	}
+	return d.Algorithm().FromBytes(nil)
 }
 
 // relayBlob streams a blob from a (the answer of t). When the source breaks
