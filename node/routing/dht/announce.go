@@ -192,6 +192,7 @@ func (r *Router) receiveAnnouncements(ctx context.Context, sub *pubsub.Subscript
 		switch a.op {
 		case opAdd:
 			r.cache.add(from, false, a.keys...)
+			r.connectSoon(from)
 		case opRemove:
 			r.cache.forget(from, r.cfg.ProviderTTL, a.keys...)
 		}

@@ -542,6 +542,24 @@ func (r *Router) maintainLoop() {
 // probeSoon dials id in the background (once at a time per peer) and marks
 // it dead if that fails.
 func (r *Router) probeSoon(id peer.ID) {
+	r.dialSoon(id, func(ctx context.Context) error {
+		return r.host.Connect(ctx, peer.AddrInfo{ID: id})
+	}, true)
+}
+
+// connectSoon connects to id in the background if this node is not
+// connected to it yet (finding its addresses in the DHT if need be), so
+// that the first request for what id announced does not pay for the dial.
+func (r *Router) connectSoon(id peer.ID) {
+	if r.host.Network().Connectedness(id) == network.Connected || r.live.isDead(id) {
+		return
+	}
+	r.dialSoon(id, func(ctx context.Context) error { return r.connect(ctx, id) }, false)
+}
+
+// dialSoon runs dial for id in the background, one at a time per peer,
+// within DialTimeout; with markDead, a failure marks id dead.
+func (r *Router) dialSoon(id peer.ID, dial func(context.Context) error, markDead bool) {
 	r.mu.Lock()
 	if r.closed || r.probing[id] {
 		r.mu.Unlock()
@@ -559,7 +577,7 @@ func (r *Router) probeSoon(id peer.ID) {
 		}()
 		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)
 		defer cancel()
-		if err := r.host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil && r.ctx.Err() == nil {
+		if err := dial(ctx); err != nil && markDead && r.ctx.Err() == nil {
 			r.live.markDead(id)
 			r.log.Debug("peer gone", "peer", id, "error", err)
 		}
