@@ -55,23 +55,10 @@ func (l *ociLayout) put(b testing.TB, mt string, data []byte) ocispec.Descriptor
 // streaming so that a 1 GiB blob costs no memory.
 func (l *ociLayout) putRandom(b testing.TB, size int64, seed uint64) ocispec.Descriptor {
 	b.Helper()
-	tmp, err := os.CreateTemp(filepath.Join(l.dir, "blobs"), "tmp-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	h := sha256.New()
-	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 1})
-	if _, err := io.CopyN(io.MultiWriter(tmp, h), src, size); err != nil {
-		b.Fatal(err)
-	}
-	if err := tmp.Close(); err != nil {
-		b.Fatal(err)
-	}
-	d := digest.NewDigestFromEncoded(digest.SHA256, hex.EncodeToString(h.Sum(nil)))
-	if err := os.Rename(tmp.Name(), l.blobPath(d)); err != nil {
-		b.Fatal(err)
-	}
-	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Digest: d, Size: size}
+	return l.putStream(b, size, func(w io.Writer) error {
+		_, err := io.CopyN(w, rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 1}), size)
+		return err
+	})
 }
 
 // putRandomTar stores an uncompressed tar layer of exactly size bytes (a
@@ -79,22 +66,29 @@ func (l *ociLayout) putRandom(b testing.TB, size int64, seed uint64) ocispec.Des
 // containerd can unpack it.
 func (l *ociLayout) putRandomTar(b testing.TB, size int64, seed uint64) ocispec.Descriptor {
 	b.Helper()
+	return l.putStream(b, size, func(w io.Writer) error {
+		fileSize := size - 512 - 1024
+		tw := tar.NewWriter(w)
+		if err := tw.WriteHeader(&tar.Header{Name: "random.bin", Mode: 0o644, Size: fileSize, Typeflag: tar.TypeReg}); err != nil {
+			return err
+		}
+		if _, err := io.CopyN(tw, rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 2}), fileSize); err != nil {
+			return err
+		}
+		return tw.Close() // writes the two zero blocks
+	})
+}
+
+// putStream stores the size bytes write produces as a layer blob, hashing
+// them on the way to disk.
+func (l *ociLayout) putStream(b testing.TB, size int64, write func(io.Writer) error) ocispec.Descriptor {
+	b.Helper()
 	tmp, err := os.CreateTemp(filepath.Join(l.dir, "blobs"), "tmp-")
 	if err != nil {
 		b.Fatal(err)
 	}
 	h := sha256.New()
-	w := io.MultiWriter(tmp, h)
-	fileSize := size - 512 - 1024
-	tw := tar.NewWriter(w)
-	if err := tw.WriteHeader(&tar.Header{Name: "random.bin", Mode: 0o644, Size: fileSize, Typeflag: tar.TypeReg}); err != nil {
-		b.Fatal(err)
-	}
-	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), byte(seed >> 16), 2})
-	if _, err := io.CopyN(tw, src, fileSize); err != nil {
-		b.Fatal(err)
-	}
-	if err := tw.Close(); err != nil { // writes the two zero blocks
+	if err := write(io.MultiWriter(tmp, h)); err != nil {
 		b.Fatal(err)
 	}
 	if err := tmp.Close(); err != nil {

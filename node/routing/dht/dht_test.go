@@ -275,15 +275,7 @@ func TestInvalidConfigIsRejected(t *testing.T) {
 func TestDeadProviderStopsBeingReturned(t *testing.T) {
 	rs := startNetwork(t, 3, nil)
 	key := "sha256:dead-provider"
-	for _, r := range rs[:2] {
-		if err := r.Advertise(context.Background(), []string{key}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitFor(t, 5*time.Second, "node 2 finds nodes 0 and 1", func() bool {
-		got := lookupIDs(t, rs[2], key)
-		return slices.Contains(got, rs[0].ID()) && slices.Contains(got, rs[1].ID())
-	})
+	twoProviders(t, rs, key)
 	dead := rs[1].ID()
 	if err := rs[1].Close(); err != nil {
 		t.Fatal(err)
@@ -417,6 +409,19 @@ func TestWithdrawIsAnnounced(t *testing.T) {
 func TestForgetDropsAStaleHolder(t *testing.T) {
 	rs := startNetwork(t, 3, nil)
 	key := "sha256:stale"
+	twoProviders(t, rs, key)
+	rs[2].Forget(key, rs[1].ID())
+	for range 3 {
+		if got := lookupIDs(t, rs[2], key); !slices.Equal(got, []string{rs[0].ID()}) {
+			t.Fatalf("after Forget, lookup = %v, want only node 0", got)
+		}
+	}
+}
+
+// twoProviders has nodes 0 and 1 advertise key and waits until node 2's
+// lookups return both.
+func twoProviders(t *testing.T, rs []*Router, key string) {
+	t.Helper()
 	for _, r := range rs[:2] {
 		if err := r.Advertise(context.Background(), []string{key}); err != nil {
 			t.Fatal(err)
@@ -426,12 +431,6 @@ func TestForgetDropsAStaleHolder(t *testing.T) {
 		got := lookupIDs(t, rs[2], key)
 		return slices.Contains(got, rs[0].ID()) && slices.Contains(got, rs[1].ID())
 	})
-	rs[2].Forget(key, rs[1].ID())
-	for range 3 {
-		if got := lookupIDs(t, rs[2], key); !slices.Equal(got, []string{rs[0].ID()}) {
-			t.Fatalf("after Forget, lookup = %v, want only node 0", got)
-		}
-	}
 }
 
 // dhtLookupIDs asks the DHT directly, past the provider cache.
