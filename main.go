@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -125,9 +126,10 @@ func envName(flagName string) string {
 }
 
 // daemonFlags defines the flags every long-running command shares.
-func (f *flags) daemonFlags() (grace *time.Duration, logLevel *string) {
+func (f *flags) daemonFlags() (grace *time.Duration, logLevel, pprofAddr *string) {
 	return f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown"),
-		f.String("log-level", "info", "debug, info, warn or error")
+		f.String("log-level", "info", "debug, info, warn or error"),
+		f.String("pprof-addr", "", "address for Go's /debug/pprof profiles (heap, CPU, goroutines); empty disables. Keep it on loopback: profiles show memory contents")
 }
 
 // parse applies environment twins, then the command line.
@@ -317,13 +319,42 @@ func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers .
 
 // startDaemon sets up what every long-running command needs: a JSON logger,
 // a context that ends on SIGINT or SIGTERM, and a metrics registry.
-func startDaemon(stderr io.Writer, level string) (*slog.Logger, context.Context, context.CancelFunc, *prometheus.Registry, error) {
+func startDaemon(stderr io.Writer, level, pprofAddr string) (*slog.Logger, context.Context, context.CancelFunc, *prometheus.Registry, error) {
 	log, err := newLogger(stderr, level)
 	if err != nil {
 		return nil, nil, nil, nil, err
 	}
 	ctx, stop := signalContext()
+	if pprofAddr != "" {
+		if err := servePprof(ctx, log, pprofAddr); err != nil {
+			stop()
+			return nil, nil, nil, nil, err
+		}
+	}
 	return log, ctx, stop, newRegistry(), nil
+}
+
+// servePprof serves net/http/pprof's handlers on addr until ctx ends.
+func servePprof(ctx context.Context, log *slog.Logger, addr string) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("pprof: listen %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := newServer(addr, mux, log)
+	srv.WriteTimeout = 0 // a CPU profile or trace streams for as long as asked
+	go func() { _ = srv.Serve(l) }()
+	go func() {
+		<-ctx.Done()
+		_ = srv.Close()
+	}()
+	log.Info("serving pprof", "addr", l.Addr().String())
+	return nil
 }
 
 // runDaemon serves h on addr (with /healthz and /readyz) and the ops
@@ -367,33 +398,33 @@ func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
 func runNode(args []string, stderr io.Writer) error {
 	f := newFlags("node", "Run the per-node mirror: serve what this node's containerd holds, find the rest on peers through the DHT, and forward cluster-wide misses to the cache tier.", stderr)
 	var (
-		sock            = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
-		namespace       = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
-		contentDir      = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
-		ctrdConfig      = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
-		ctrdPoll        = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
-		layoutDir       = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
-		registryAddr    = f.String("registry-addr", "127.0.0.1:5000", "address of the registry (mirror) HTTP server that this node's containerd uses; keep it on loopback so that no pod can read the node's content through it")
-		peerAddr        = f.String("peer-addr", ":5002", "address of the peer HTTP server that other nodes fetch from; with --psk-file every request must carry a credential derived from the PSK; empty serves peers on the registry port (no separation)")
-		advertise       = f.String("advertise-addr", "", "host:port peers use to reach this node's peer server (default: the --peer-addr port, else the --registry-addr port, on the node's DHT address)")
-		routerAddr      = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
-		metricsAddr     = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir         = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
-		cacheURL        = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
-		cacheToken      = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
-		cacheCA         = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
-		zone            = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
-		pskFile         = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join. Only with a PSK do peers answer tag requests (when the cache tier cannot): without one, tags resolve only through the cache tier or this node's containerd")
-		providerTTL     = f.Duration("provider-ttl", 30*time.Minute, "how long a DHT provider record lives; a withdrawn key may cost a requester one 404 until then (dead nodes are skipped at once)")
-		replication     = f.Int("provider-replication", dht.DefaultReplicationFactor, "how many of the closest DHT peers keep each provider record")
-		hedge           = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
-		idleTimeout     = f.Duration("relay-idle-timeout", 10*time.Second, "fail a relayed body (peer or cache tier) that sends no bytes for this long; a peer transfer then resumes on another source")
-		stripeMin       = f.String("stripe-min-size", "32MiB", "fetch blobs (or requested ranges) at least this large from several peers at once, as parallel ranges, when several hold them")
-		stripePeers     = f.Int("stripe-max-peers", 4, "at most this many peers serve one striped fetch; 1 turns striping off")
-		verifyBlobs     = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
-		grace, logLevel = f.daemonFlags()
-		bootstrap       listFlag
-		registries      listFlag
+		sock                       = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+		namespace                  = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
+		contentDir                 = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
+		ctrdConfig                 = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
+		ctrdPoll                   = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
+		layoutDir                  = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
+		registryAddr               = f.String("registry-addr", "127.0.0.1:5000", "address of the registry (mirror) HTTP server that this node's containerd uses; keep it on loopback so that no pod can read the node's content through it")
+		peerAddr                   = f.String("peer-addr", ":5002", "address of the peer HTTP server that other nodes fetch from; with --psk-file every request must carry a credential derived from the PSK; empty serves peers on the registry port (no separation)")
+		advertise                  = f.String("advertise-addr", "", "host:port peers use to reach this node's peer server (default: the --peer-addr port, else the --registry-addr port, on the node's DHT address)")
+		routerAddr                 = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
+		metricsAddr                = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir                    = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
+		cacheURL                   = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
+		cacheToken                 = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
+		cacheCA                    = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
+		zone                       = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
+		pskFile                    = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join. Only with a PSK do peers answer tag requests (when the cache tier cannot): without one, tags resolve only through the cache tier or this node's containerd")
+		providerTTL                = f.Duration("provider-ttl", 30*time.Minute, "how long a DHT provider record lives; a withdrawn key may cost a requester one 404 until then (dead nodes are skipped at once)")
+		replication                = f.Int("provider-replication", dht.DefaultReplicationFactor, "how many of the closest DHT peers keep each provider record")
+		hedge                      = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
+		idleTimeout                = f.Duration("relay-idle-timeout", 10*time.Second, "fail a relayed body (peer or cache tier) that sends no bytes for this long; a peer transfer then resumes on another source")
+		stripeMin                  = f.String("stripe-min-size", "32MiB", "fetch blobs (or requested ranges) at least this large from several peers at once, as parallel ranges, when several hold them")
+		stripePeers                = f.Int("stripe-max-peers", 4, "at most this many peers serve one striped fetch; 1 turns striping off")
+		verifyBlobs                = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
+		grace, logLevel, pprofAddr = f.daemonFlags()
+		bootstrap                  listFlag
+		registries                 listFlag
 	)
 	f.Var(&bootstrap, "bootstrap-peers", "peers to join: multiaddrs (with or without /p2p/<id>), host:port, or DNS names such as a headless Service (re-resolved periodically); repeatable or comma-separated")
 	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others get 404 so containerd moves on (default: empty, every registry)")
@@ -407,7 +438,7 @@ func runNode(args []string, stderr io.Writer) error {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(nodeGCPercent)
 	}
-	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
+	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel, *pprofAddr)
 	if err != nil {
 		return err
 	}

@@ -35,24 +35,24 @@ import (
 func runCache(args []string, stderr io.Writer) error {
 	f := newFlags("cache", "Run the shared pull-through cache: fetch each digest from upstream once, revalidate tags with free HEAD requests, keep within the Docker Hub budget, and serve stale content when upstream is limited or down.", stderr)
 	var (
-		addr            = f.String("addr", ":5000", "address of the registry HTTP server")
-		metricsAddr     = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir         = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
-		storageName     = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
-		configFile      = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
-		credsFile       = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
-		redisURL        = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
-		freshness       = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
-		reserve         = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
-		clientShare     = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
-		maxSize         = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
-		advertiseURL    = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
-		tokenFile       = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
-		upTimeout       = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
-		upIdle          = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
-		grace, logLevel = f.daemonFlags()
-		upstreams       listFlag
-		storageOpts     listFlag
+		addr                       = f.String("addr", ":5000", "address of the registry HTTP server")
+		metricsAddr                = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir                    = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
+		storageName                = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
+		configFile                 = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
+		credsFile                  = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
+		redisURL                   = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
+		freshness                  = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
+		reserve                    = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
+		clientShare                = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
+		maxSize                    = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		advertiseURL               = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
+		tokenFile                  = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
+		upTimeout                  = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
+		upIdle                     = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
+		grace, logLevel, pprofAddr = f.daemonFlags()
+		upstreams                  listFlag
+		storageOpts                listFlag
 	)
 	f.Var(&upstreams, "upstream", "an upstream registry as host=endpoint (docker.io=https://registry-1.docker.io); repeatable; a bare host means https://host")
 	f.Var(&storageOpts, "storage-opt", "a storage driver parameter as key=value (bucket=..., region=...); repeatable")
@@ -62,7 +62,7 @@ func runCache(args []string, stderr io.Writer) error {
 	if *freshness < 0 {
 		return fmt.Errorf("--tag-freshness %s: must be 0 or more", *freshness)
 	}
-	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel)
+	log, ctx, stop, reg, err := startDaemon(stderr, *logLevel, *pprofAddr)
 	if err != nil {
 		return err
 	}

@@ -15,7 +15,7 @@ targets=(
   "./auth FuzzParsePSK"
   "./node/mirror FuzzParseHostsFile"
   "./node FuzzPeerResponse"
-  "./node/routing/dht FuzzDecodeAnnouncement"
+  "./node/routing/dht/wire FuzzDecode"
 )
 for t in "${targets[@]}"; do
   set -- $t

@@ -2,13 +2,13 @@ package dht
 
 import (
 	"context"
-	"crypto/sha256"
-	"errors"
 	"fmt"
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
+
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
 // Announcements push new and removed keys to every node at once, so most
@@ -16,20 +16,9 @@ import (
 // over gossipsub on announceTopic, signed by their origin (StrictSign), so a
 // node can only announce for itself. They are best effort: a node that
 // joins later, or misses a message, finds keys through the DHT.
-//
-// A message is:
-//
-//	byte 0     announceVersion
-//	byte 1     opAdd or opRemove
-//	bytes 2..  one or more 32-byte key hashes (sha256 of the key string)
+// The message format is package wire.
 const (
-	announceTopic   = "/shoal/announce/1"
-	announceVersion = 1
-	opAdd           = 1
-	opRemove        = 2
-	// maxAnnounceKeys bounds one message (128 KiB of hashes); a bigger
-	// batch goes out as several.
-	maxAnnounceKeys = 4096
+	announceTopic = "/shoal/announce/1"
 	// meshSettle is how long the topic must have had peers before the
 	// first announcements go out. Gossipsub drops what is published before
 	// its streams to a peer are up, and a node's first announcement is its
@@ -40,67 +29,18 @@ const (
 	maxPending = 16
 )
 
-// announcement is a decoded message.
-type announcement struct {
-	op   byte
-	keys []keyHash
-}
-
-func hashKey(key string) keyHash { return sha256.Sum256([]byte(key)) }
-
-// encodeAnnouncements splits keys into messages of at most maxAnnounceKeys.
-func encodeAnnouncements(op byte, keys []keyHash) [][]byte {
-	var out [][]byte
-	for len(keys) > 0 {
-		n := min(len(keys), maxAnnounceKeys)
-		b := make([]byte, 2, 2+32*n)
-		b[0], b[1] = announceVersion, op
-		for _, k := range keys[:n] {
-			b = append(b, k[:]...)
-		}
-		out = append(out, b)
-		keys = keys[n:]
-	}
-	return out
-}
-
-var errBadAnnouncement = errors.New("malformed announcement")
-
-// decodeAnnouncement parses one message.
-func decodeAnnouncement(b []byte) (announcement, error) {
-	if len(b) < 2+32 {
-		return announcement{}, fmt.Errorf("%w: %d bytes", errBadAnnouncement, len(b))
-	}
-	if b[0] != announceVersion {
-		return announcement{}, fmt.Errorf("%w: version %d", errBadAnnouncement, b[0])
-	}
-	op := b[1]
-	if op != opAdd && op != opRemove {
-		return announcement{}, fmt.Errorf("%w: op %d", errBadAnnouncement, op)
-	}
-	body := b[2:]
-	if len(body)%32 != 0 || len(body)/32 > maxAnnounceKeys {
-		return announcement{}, fmt.Errorf("%w: %d bytes of keys", errBadAnnouncement, len(body))
-	}
-	a := announcement{op: op, keys: make([]keyHash, len(body)/32)}
-	for i := range a.keys {
-		copy(a.keys[i][:], body[32*i:])
-	}
-	return a, nil
-}
-
 // startAnnouncements joins the topic and starts the loop that feeds the
 // provider cache from it.
 func (r *Router) startAnnouncements(ctx context.Context) error {
 	ps, err := pubsub.NewGossipSub(ctx, r.host,
 		pubsub.WithMessageSignaturePolicy(pubsub.StrictSign),
-		pubsub.WithMaxMessageSize(2+32*maxAnnounceKeys+1024),
+		pubsub.WithMaxMessageSize(wire.MaxSize+1024),
 	)
 	if err != nil {
 		return fmt.Errorf("start gossipsub: %w", err)
 	}
 	err = ps.RegisterTopicValidator(announceTopic, func(_ context.Context, _ peer.ID, m *pubsub.Message) bool {
-		_, err := decodeAnnouncement(m.Data)
+		_, err := wire.Decode(m.Data)
 		return err == nil
 	})
 	if err != nil {
@@ -124,7 +64,7 @@ func (r *Router) startAnnouncements(ctx context.Context) error {
 // the DHT still has them). Until the topic has had peers for meshSettle,
 // messages are held back and sent in order then.
 func (r *Router) announce(ctx context.Context, op byte, keys []keyHash) {
-	msgs := encodeAnnouncements(op, keys)
+	msgs := wire.Encode(op, keys)
 	r.annMu.Lock()
 	if !r.annLive {
 		r.pending = append(r.pending, msgs...)
@@ -184,17 +124,17 @@ func (r *Router) receiveAnnouncements(ctx context.Context, sub *pubsub.Subscript
 		if from == self {
 			continue
 		}
-		a, err := decodeAnnouncement(m.Data)
+		a, err := wire.Decode(m.Data)
 		if err != nil {
 			continue // the validator already refused it; never reached
 		}
 		r.metrics.announcements.WithLabelValues("received").Inc()
-		switch a.op {
-		case opAdd:
-			r.cache.add(from, false, a.keys...)
+		switch a.Op {
+		case wire.OpAdd:
+			r.cache.add(from, false, a.Keys...)
 			r.connectSoon(from)
-		case opRemove:
-			r.cache.forget(from, r.cfg.ProviderTTL, a.keys...)
+		case wire.OpRemove:
+			r.cache.forget(from, r.cfg.ProviderTTL, a.Keys...)
 		}
 		r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 	}

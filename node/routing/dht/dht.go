@@ -59,6 +59,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-oci/shoal/node/routing"
+
+	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
 // Defaults for the zero values of Config.
@@ -414,7 +416,7 @@ func (r *Router) Ready() bool {
 // keyCID maps a key to the CID it is provided under: CIDv1, raw codec,
 // sha256 multihash of the key string.
 func keyCID(key string) (cid.Cid, error) {
-	h := hashKey(key)
+	h := wire.HashKey(key)
 	return hashCID(h)
 }
 
@@ -454,7 +456,7 @@ func (r *Router) Advertise(ctx context.Context, keys []string) error {
 		r.metrics.provideErrors.Inc()
 		return fmt.Errorf("advertise: %w", err)
 	}
-	r.announce(ctx, opAdd, hashes)
+	r.announce(ctx, wire.OpAdd, hashes)
 	return nil
 }
 
@@ -479,7 +481,7 @@ func (r *Router) Withdraw(ctx context.Context, keys []string) error {
 	if err := r.prov.StopProviding(mhs...); err != nil {
 		return fmt.Errorf("withdraw: %w", err)
 	}
-	r.announce(ctx, opRemove, hashes)
+	r.announce(ctx, wire.OpRemove, hashes)
 	return nil
 }
 
@@ -491,7 +493,7 @@ func (r *Router) Forget(key, peerID string) {
 	if err != nil {
 		return
 	}
-	r.cache.forget(id, r.cfg.ProviderTTL, hashKey(key))
+	r.cache.forget(id, r.cfg.ProviderTTL, wire.HashKey(key))
 	r.metrics.cachedKeys.Set(float64(r.cache.Len()))
 }
 
@@ -499,7 +501,7 @@ func (r *Router) hashes(keys []string) ([]keyHash, []mh.Multihash, error) {
 	hashes := make([]keyHash, len(keys))
 	mhs := make([]mh.Multihash, len(keys))
 	for i, k := range keys {
-		hashes[i] = hashKey(k)
+		hashes[i] = wire.HashKey(k)
 		m, err := mh.Encode(hashes[i][:], mh.SHA2_256)
 		if err != nil {
 			return nil, nil, fmt.Errorf("key %q: %w", k, err)
@@ -634,7 +636,7 @@ func (r *Router) Lookup(ctx context.Context, key string, max int) ([]routing.Pee
 	}
 	start := time.Now()
 	defer func() { r.metrics.lookupDuration.Observe(time.Since(start).Seconds()) }()
-	h := hashKey(key)
+	h := wire.HashKey(key)
 	if out := r.reachableAll(ctx, r.cache.get(h), max); len(out) > 0 {
 		r.metrics.lookups.WithLabelValues("cache").Inc()
 		return out, nil

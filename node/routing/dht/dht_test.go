@@ -19,6 +19,8 @@ import (
 
 	"github.com/shoal-oci/shoal/node/routing"
 	"github.com/shoal-oci/shoal/node/routing/routingtest"
+
+	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
 const testTTL = 2 * time.Second
@@ -346,7 +348,7 @@ func TestAnnouncementsAnswerLookupsFromCache(t *testing.T) {
 			}
 			last = time.Now()
 		}
-		return len(rs[1].cache.get(hashKey(keys[1]))) == 1 && len(rs[2].cache.get(hashKey(keys[1]))) == 1
+		return len(rs[1].cache.get(wire.HashKey(keys[1]))) == 1 && len(rs[2].cache.get(wire.HashKey(keys[1]))) == 1
 	})
 	for _, r := range rs[1:] {
 		reg := r.cfg.Registerer.(*prometheus.Registry)
@@ -466,7 +468,7 @@ func waitForMesh(t *testing.T, rs []*Router) {
 			for time.Now().Before(deadline) {
 				all := true
 				for j, o := range rs {
-					if j != i && len(o.cache.get(hashKey(probe))) == 0 {
+					if j != i && len(o.cache.get(wire.HashKey(probe))) == 0 {
 						all = false
 					}
 				}

@@ -5,11 +5,13 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
 // keyHash is the sha256 of a key string: the digest inside the key's CID,
 // and the form keys take in announcements and in the provider cache.
-type keyHash [32]byte
+type keyHash = wire.Hash
 
 // providerCache remembers which peers hold which keys, learned from
 // announcements and from DHT lookups. Content is immutable, so a holder

@@ -1,19 +1,20 @@
 package dht
 
 import (
-	"bytes"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
 func TestProviderCache(t *testing.T) {
 	now := time.Unix(1000, 0)
 	c := newProviderCache(100, time.Hour, func() time.Time { return now })
 	a, b := peer.ID("peer-a"), peer.ID("peer-b")
-	k1, k2 := hashKey("k1"), hashKey("k2")
+	k1, k2 := wire.HashKey("k1"), wire.HashKey("k2")
 
 	c.add(a, false, k1, k2)
 	c.add(b, true, k1)
@@ -53,8 +54,8 @@ func TestProviderCache(t *testing.T) {
 func TestProviderCacheIsBounded(t *testing.T) {
 	c := newProviderCache(50, time.Hour, time.Now)
 	for i := range 1000 {
-		c.add(peer.ID("p"), false, hashKey(string(rune(i))))
-		c.forget(peer.ID("q"), time.Hour, hashKey(string(rune(i))))
+		c.add(peer.ID("p"), false, wire.HashKey(string(rune(i))))
+		c.forget(peer.ID("q"), time.Hour, wire.HashKey(string(rune(i))))
 	}
 	if n := c.Len(); n > 50 {
 		t.Fatalf("cache holds %d keys, bound is 50", n)
@@ -78,58 +79,4 @@ func TestLiveness(t *testing.T) {
 	if l.isDead(p) {
 		t.Fatal("markAlive did not revive")
 	}
-}
-
-func TestAnnouncementRoundTrip(t *testing.T) {
-	keys := make([]keyHash, maxAnnounceKeys+3)
-	for i := range keys {
-		keys[i] = hashKey(string(rune(i)))
-	}
-	msgs := encodeAnnouncements(opRemove, keys)
-	if len(msgs) != 2 {
-		t.Fatalf("%d keys made %d messages, want 2", len(keys), len(msgs))
-	}
-	var got []keyHash
-	for _, m := range msgs {
-		a, err := decodeAnnouncement(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if a.op != opRemove {
-			t.Fatalf("op = %d", a.op)
-		}
-		got = append(got, a.keys...)
-	}
-	if !slices.Equal(got, keys) {
-		t.Fatal("keys changed on the way")
-	}
-	for _, bad := range [][]byte{
-		nil,
-		{announceVersion, opAdd}, // no keys
-		append([]byte{9, opAdd}, make([]byte, 32)...),               // unknown version
-		append([]byte{announceVersion, 7}, make([]byte, 32)...),     // unknown op
-		append([]byte{announceVersion, opAdd}, make([]byte, 33)...), // not whole keys
-		append([]byte{announceVersion, opAdd}, make([]byte, 32*(maxAnnounceKeys+1))...),
-	} {
-		if _, err := decodeAnnouncement(bad); err == nil {
-			t.Errorf("decodeAnnouncement(% x...) accepted", bad[:min(len(bad), 4)])
-		}
-	}
-}
-
-// FuzzDecodeAnnouncement: any bytes a peer sends decode or fail cleanly,
-// and what decodes encodes back to the same bytes.
-func FuzzDecodeAnnouncement(f *testing.F) {
-	f.Add(encodeAnnouncements(opAdd, []keyHash{hashKey("a"), hashKey("b")})[0])
-	f.Add([]byte{announceVersion, opRemove})
-	f.Fuzz(func(t *testing.T, b []byte) {
-		a, err := decodeAnnouncement(b)
-		if err != nil {
-			return
-		}
-		again := encodeAnnouncements(a.op, a.keys)
-		if len(again) != 1 || !bytes.Equal(again[0], b) {
-			t.Fatalf("decode/encode changed the message")
-		}
-	})
 }
