@@ -20,8 +20,10 @@ import (
 // digests, default flags but for the PSK and addresses, and prints per node:
 // ready time, idle CPU and RSS after the start-up has settled, and lookup
 // to first byte of a 1 MiB blob only one other node holds (first ask and
-// again), with failed lookups. Then it SIGKILLs a holder of blobs two nodes
-// hold and prints what requests for them cost at once and 10 s later.
+// again), with failed lookups. It deletes a digest on one of its two
+// holders and prints what requests for it cost. Then it SIGKILLs a holder
+// of blobs two nodes hold and prints what requests for them cost at once
+// and 10 s later.
 //
 // SHOAL_BENCH_NODE_ARGS adds flags to every node (to compare settings).
 //
@@ -193,6 +195,57 @@ func BenchmarkNodeScale(b *testing.B) {
 	}
 	logf("  lookups answered from the provider cache (no DHT query), all nodes: %.0f of %d", viaCache, 2*n)
 
+	// Withdrawal: nodes w and w2 get the same new image; once both
+	// advertise it, w deletes it (index and blob). Requests for its layer
+	// must all complete, from w2; a request that still reaches w costs one
+	// 404 there, counted here from w's own metrics.
+	w, w2 := n/4, n/4+n/2
+	wdBlob := lays[w].putRandom(b, 1<<20, 7777)
+	for _, j := range []int{w, w2} {
+		if j != w {
+			lays[j].putRandom(b, 1<<20, 7777)
+		}
+		before := nodes[j].Metric(b, "shoal_node_advertised_keys")
+		lays[j].manifests = append(lays[j].manifests, lays[j].addImageNoIndex(b, "docker.io/library/withdrawn:v1", []ocispec.Descriptor{wdBlob}))
+		lays[j].writeIndex(b)
+		waitFor(b, 30*time.Second, "the shared image is advertised", func() error {
+			if v := nodes[j].Metric(b, "shoal_node_advertised_keys"); v <= before {
+				return fmt.Errorf("node %d advertises %v keys", j, v)
+			}
+			return nil
+		})
+	}
+	before := nodes[w].Metric(b, "shoal_node_advertised_keys")
+	lays[w].manifests = lays[w].manifests[:len(lays[w].manifests)-1]
+	lays[w].writeIndex(b)
+	if err := os.Remove(lays[w].blobPath(wdBlob.Digest)); err != nil {
+		b.Fatal(err)
+	}
+	waitFor(b, 30*time.Second, "the deleted image is withdrawn", func() error {
+		if v := nodes[w].Metric(b, "shoal_node_advertised_keys"); v >= before {
+			return fmt.Errorf("node %d still advertises %v keys", w, v)
+		}
+		return nil
+	})
+	missesBefore := nodes[w].Metric(b, "shoal_node_requests_total", `source="miss"`)
+	var withdrawn []time.Duration
+	wdFailed := 0
+	for r := range 10 {
+		i := (w + 1 + r*3) % n
+		if i == w || i == w2 {
+			i = (i + 1) % n
+		}
+		d, err := ttfb(nodes[i], wdBlob)
+		if err != nil {
+			wdFailed++
+			logf("    request for the withdrawn digest from %s failed: %v", nodes[i].Name, err)
+			continue
+		}
+		withdrawn = append(withdrawn, d)
+	}
+	stale := nodes[w].Metric(b, "shoal_node_requests_total", `source="miss"`) - missesBefore
+	logf("  digest deleted on one of its two holders, asked right after the withdrawal: %s; failed %d of 10; 404s the deleting node served %.0f", summary(withdrawn), wdFailed, stale)
+
 	// Kill node k without notice; pair[k] is also held by node k+1.
 	k := n / 3
 	victim := nodes[k]
@@ -237,6 +290,7 @@ func BenchmarkNodeScale(b *testing.B) {
 	result(b, "node/scale-lookup", fmt.Sprintf("first ask p50=%s p95=%s, again p50=%s p95=%s, failed=%d", ms(p50), ms(p95), ms(pct(again, 50)), ms(pct(again, 95)), 2*n-len(first)-len(again)), p95.Seconds()/0.020, "p50 <= 5 ms, p95 <= 20 ms, none failed", p50 <= 5*time.Millisecond && p95 <= 20*time.Millisecond && len(first)+len(again) == 2*n)
 	fp50, fp95 := pct(fresh, 50), pct(fresh, 95)
 	result(b, "node/scale-lookup-new", fmt.Sprintf("content added after start: p50=%s p95=%s failed=%d", ms(fp50), ms(fp95), freshFailed), fp95.Seconds()/0.020, "p50 <= 5 ms, p95 <= 20 ms, none failed", fp50 <= 5*time.Millisecond && fp95 <= 20*time.Millisecond && freshFailed == 0)
+	result(b, "node/scale-withdrawn", fmt.Sprintf("deleted on 1 of 2 holders: max=%s, failed=%d, 404s at the deleting node=%.0f", ms(maxD(withdrawn)), wdFailed, stale), float64(wdFailed), "none failed; at most one extra round trip (a 404) each", wdFailed == 0 && stale <= float64(len(withdrawn)))
 	result(b, "node/scale-killed-holder", fmt.Sprintf("first requests max=%s, 10 s later max=%s, failed=%d", ms(maxD(afterKill)), ms(maxD(later)), failed), maxD(later).Seconds()/0.020, "none failed; 10 s later as fast as any lookup", failed == 0 && maxD(later) <= 20*time.Millisecond)
 }
 

@@ -20,10 +20,13 @@ type keyHash = wire.Hash
 // entry also lapses after ttl, as a DHT record does: a withdrawal whose
 // announcement was lost costs a DHT query then, not a 404 forever.
 //
-// Memory is what bounds it: keys are 32-byte hashes, peers are interned as
-// small indexes, a key with one holder (the common case) takes one map
-// entry of 40 bytes, and at most maxKeys keys are kept (arbitrary ones are
-// dropped when full; the DHT still has them).
+// Memory is what bounds it: keys are kept as the first 16 bytes of their
+// hash, peers are interned as small indexes, a key with one holder (the
+// common case) takes one map entry of 24 bytes, and at most maxKeys keys are
+// kept (arbitrary ones are dropped when full; the DHT still has them).
+// Sixteen bytes of SHA-256 make a collision among maxKeys keys a 2^-90
+// event, and one would only point a lookup at a holder whose bytes then
+// fail the digest check.
 type providerCache struct {
 	maxKeys int
 	ttl     time.Duration
@@ -33,8 +36,8 @@ type providerCache struct {
 	epoch time.Time            // holder.until counts seconds from here
 	ids   []peer.ID            // index -> peer
 	index map[peer.ID]uint32   // peer -> index
-	one   map[keyHash]holder   // keys with exactly one holder
-	many  map[keyHash][]holder // keys with more
+	one   map[cacheKey]holder   // keys with exactly one holder
+	many  map[cacheKey][]holder // keys with more
 	// forgotten holds (key, peer) pairs a request found missing: a DHT
 	// record for them is ignored until it would have expired.
 	forgotten map[forgetKey]time.Time
@@ -46,8 +49,13 @@ type holder struct {
 	until uint32 // seconds after the cache's epoch
 }
 
+// cacheKey is the part of a key's hash the cache keeps.
+type cacheKey [16]byte
+
+func cacheKeyOf(k keyHash) cacheKey { return cacheKey(k[:16]) }
+
 type forgetKey struct {
-	key  keyHash
+	key  cacheKey
 	peer uint32
 }
 
@@ -58,21 +66,21 @@ func newProviderCache(maxKeys int, ttl time.Duration, now func() time.Time) *pro
 		now:       now,
 		epoch:     now(),
 		index:     make(map[peer.ID]uint32),
-		one:       make(map[keyHash]holder),
-		many:      make(map[keyHash][]holder),
+		one:       make(map[cacheKey]holder),
+		many:      make(map[cacheKey][]holder),
 		forgotten: make(map[forgetKey]time.Time),
 	}
 }
 
 // holders returns k's holders; the slice may be modified and passed to set.
-func (c *providerCache) holders(k keyHash) []holder {
+func (c *providerCache) holders(k cacheKey) []holder {
 	if h, ok := c.one[k]; ok {
 		return []holder{h}
 	}
 	return c.many[k]
 }
 
-func (c *providerCache) set(k keyHash, hs []holder) {
+func (c *providerCache) set(k cacheKey, hs []holder) {
 	switch len(hs) {
 	case 0:
 		delete(c.one, k)
@@ -110,7 +118,8 @@ func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 	i := c.intern(p)
 	now := c.now()
 	accepted := 0
-	for _, k := range keys {
+	for _, kh := range keys {
+		k := cacheKeyOf(kh)
 		fk := forgetKey{k, i}
 		if until, ok := c.forgotten[fk]; ok {
 			if fromDHT && now.Before(until) {
@@ -160,7 +169,8 @@ func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
 	defer c.mu.Unlock()
 	i := c.intern(p)
 	now := c.now()
-	for _, k := range keys {
+	for _, kh := range keys {
+		k := cacheKeyOf(kh)
 		c.drop(k, i)
 		c.forgotten[forgetKey{k, i}] = now.Add(ttl)
 	}
@@ -177,7 +187,7 @@ func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
 	}
 }
 
-func (c *providerCache) drop(k keyHash, i uint32) {
+func (c *providerCache) drop(k cacheKey, i uint32) {
 	hs := c.holders(k)
 	if j := indexOf(hs, i); j >= 0 {
 		c.set(k, append(hs[:j:j], hs[j+1:]...))
@@ -208,7 +218,7 @@ func (c *providerCache) dropPeer(p peer.ID) {
 func (c *providerCache) get(key keyHash) []peer.ID {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	hs := c.holders(key)
+	hs := c.holders(cacheKeyOf(key))
 	now := c.seconds(c.now())
 	out := make([]peer.ID, 0, len(hs))
 	for _, h := range hs {

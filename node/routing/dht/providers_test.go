@@ -1,7 +1,10 @@
 package dht
 
 import (
+	"fmt"
+	"runtime"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -79,4 +82,37 @@ func TestLiveness(t *testing.T) {
 	if l.isDead(p) {
 		t.Fatal("markAlive did not revive")
 	}
+}
+
+// BenchmarkProviderCacheMemory reports the heap the provider cache holds
+// per key, for 100,000 keys with one holder each (what 50 nodes x 2,000
+// digests put into every node's cache).
+func BenchmarkProviderCacheMemory(b *testing.B) {
+	const keys = 100_000
+	peers := make([]peer.ID, 50)
+	for i := range peers {
+		peers[i] = peer.ID(fmt.Sprintf("peer-%02d", i))
+	}
+	hs := make([]keyHash, keys)
+	for i := range hs {
+		hs[i] = wire.HashKey(strconv.Itoa(i))
+	}
+	var perKey float64
+	for b.Loop() {
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		c := newProviderCache(DefaultProviderCacheKeys, time.Hour, time.Now)
+		for i, h := range hs {
+			c.add(peers[i%len(peers)], false, h)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		if c.Len() != keys {
+			b.Fatalf("cache holds %d keys, want %d", c.Len(), keys)
+		}
+		perKey = float64(after.HeapAlloc-before.HeapAlloc) / keys
+		runtime.KeepAlive(c)
+	}
+	b.ReportMetric(perKey, "bytes/key")
 }
