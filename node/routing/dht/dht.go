@@ -152,6 +152,10 @@ type Router struct {
 	wg     sync.WaitGroup
 
 	probing map[peer.ID]bool // peers probeSoon is dialling; under mu
+	// holdingsAsked marks peers whose holdings were fetched or are being
+	// fetched (under mu); holdingsSem bounds the fetches in flight.
+	holdingsAsked map[peer.ID]bool
+	holdingsSem   chan struct{}
 
 	annMu     sync.Mutex
 	annLive   bool      // announcements go out at once (the mesh is up)
@@ -229,18 +233,20 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 
 	rctx, cancel := context.WithCancel(context.Background())
 	r := &Router{
-		cfg:          cfg,
-		log:          cfg.Logger,
-		host:         h,
-		metrics:      m,
-		resolver:     cfg.Resolver,
-		ctx:          rctx,
-		cancel:       cancel,
-		cache:        newProviderCache(cfg.ProviderCacheKeys, cfg.ProviderTTL, time.Now),
-		live:         newLiveness(time.Now),
-		keys:         make(map[keyHash]struct{}),
-		probing:      make(map[peer.ID]bool),
-		bootstrapped: make(map[peer.ID]peer.AddrInfo),
+		cfg:           cfg,
+		log:           cfg.Logger,
+		host:          h,
+		metrics:       m,
+		resolver:      cfg.Resolver,
+		ctx:           rctx,
+		cancel:        cancel,
+		cache:         newProviderCache(cfg.ProviderCacheKeys, cfg.ProviderTTL, time.Now),
+		live:          newLiveness(time.Now),
+		keys:          make(map[keyHash]struct{}),
+		probing:       make(map[peer.ID]bool),
+		holdingsAsked: make(map[peer.ID]bool),
+		holdingsSem:   make(chan struct{}, holdingsParallel),
+		bootstrapped:  make(map[peer.ID]peer.AddrInfo),
 	}
 	r.dht, err = kad.New(h,
 		kad.Mode(kad.ModeServer),
@@ -284,8 +290,12 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		h.Close()
 		return nil, fmt.Errorf("dht: %w", err)
 	}
+	h.SetStreamHandler(holdingsProtocol, r.serveHoldings)
 	h.Network().Notify(&network.NotifyBundle{
-		ConnectedF: func(_ network.Network, c network.Conn) { r.live.markAlive(c.RemotePeer()) },
+		ConnectedF: func(_ network.Network, c network.Conn) {
+			r.live.markAlive(c.RemotePeer())
+			r.holdingsSoon(c.RemotePeer())
+		},
 		// A peer whose last connection closed is dialled again at once, off
 		// the request path: a node that died (its connections reset) is
 		// marked dead within one dial, before any lookup offers it.
@@ -591,6 +601,9 @@ func (r *Router) probeDead() {
 		if time.Since(since) > deadPeerForgetAfter {
 			r.cache.dropPeer(id)
 			r.live.markAlive(id) // forgotten; a new record makes it a candidate again
+			r.mu.Lock()
+			delete(r.holdingsAsked, id) // if it comes back, ask it again
+			r.mu.Unlock()
 			continue
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-msgio"
 	ma "github.com/multiformats/go-multiaddr"
 	manet "github.com/multiformats/go-multiaddr/net"
 	"github.com/prometheus/client_golang/prometheus"
@@ -324,11 +326,91 @@ func TestReprovideKeepsRecordsAliveForLateJoiners(t *testing.T) {
 	}
 	late := start(t, withBootstrap(testConfig(), hostPort(t, rs[2])))
 	waitFor(t, 10*time.Second, "late node ready", late.Ready)
-	waitFor(t, 5*time.Second, "the late node finds node 0", func() bool {
-		return slices.Contains(lookupIDs(t, late, key), rs[0].ID())
+	// The DHT itself, not the late node's cache (which its peers' holdings
+	// fill), must still hold the record.
+	waitFor(t, 5*time.Second, "the late node finds node 0 by a DHT query", func() bool {
+		return slices.Contains(dhtLookupIDs(t, late, key), rs[0].ID())
 	})
-	if n := counterValue(t, late.cfg.Registerer.(*prometheus.Registry), "shoal_dht_lookups_total", "dht"); n < 1 {
-		t.Errorf("the late node's lookups answered by the DHT = %v, want at least 1", n)
+}
+
+// A node that joins after the others announced their content learns it
+// from their holdings when it connects, and answers lookups from its cache.
+func TestLateJoinerFetchesHoldings(t *testing.T) {
+	rs := startNetwork(t, 2, nil)
+	keys := make([]string, wire.MaxKeys+10) // two messages
+	for i := range keys {
+		keys[i] = fmt.Sprintf("sha256:held-%d", i)
+	}
+	waitForMesh(t, rs)
+	if err := rs[0].Advertise(context.Background(), keys); err != nil {
+		t.Fatal(err)
+	}
+	// Only once the announcement is out does the late node start: it has
+	// missed it.
+	waitFor(t, 10*time.Second, "node 1 hears node 0's announcement", func() bool {
+		return len(rs[1].cache.get(wire.HashKey(keys[len(keys)-1]))) == 1
+	})
+	late := start(t, withBootstrap(testConfig(), hostPort(t, rs[0])))
+	waitFor(t, 10*time.Second, "late node ready", late.Ready)
+	waitFor(t, 10*time.Second, "the late node knows all of node 0's keys", func() bool {
+		for _, k := range []string{keys[0], keys[len(keys)-1]} {
+			if !slices.Contains(late.cache.get(wire.HashKey(k)), rs[0].host.ID()) {
+				return false
+			}
+		}
+		return true
+	})
+	reg := late.cfg.Registerer.(*prometheus.Registry)
+	if n := counterValue(t, reg, "shoal_dht_announcements_total", "fetched"); n < 2 {
+		t.Errorf("holdings messages fetched = %v, want at least 2", n)
+	}
+	before := counterValue(t, reg, "shoal_dht_lookups_total", "cache")
+	if got := lookupIDs(t, late, keys[7]); !slices.Equal(got, []string{rs[0].ID()}) {
+		t.Fatalf("lookup = %v, want node 0", got)
+	}
+	if after := counterValue(t, reg, "shoal_dht_lookups_total", "cache"); after != before+1 {
+		t.Errorf("cache-answered lookups went %v -> %v, want +1", before, after)
+	}
+}
+
+// A peer's holdings answer is bounded: one that claims more keys than the
+// cache holds is cut off, and one that sends garbage is refused.
+func TestHoldingsFromALyingPeerAreBounded(t *testing.T) {
+	cfg := testConfig()
+	cfg.ProviderCacheKeys = 2 * wire.MaxKeys
+	r := start(t, cfg)
+	liar := start(t, testConfig())
+	for _, tc := range []struct {
+		name string
+		msgs [][]byte
+	}{
+		{"too many keys", wire.Encode(wire.OpAdd, make([]keyHash, 3*wire.MaxKeys))},
+		{"garbage", [][]byte{{1, 2, 3}}},
+		{"a removal", wire.Encode(wire.OpRemove, make([]keyHash, 1))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			liar.host.SetStreamHandler(holdingsProtocol, func(s network.Stream) {
+				defer s.Close()
+				w := msgio.NewVarintWriter(s)
+				for _, m := range tc.msgs {
+					if err := w.WriteMsg(m); err != nil {
+						return
+					}
+				}
+			})
+			if err := r.host.Connect(context.Background(), peer.AddrInfo{ID: liar.host.ID(), Addrs: liar.host.Addrs()}); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			n, err := r.fetchHoldings(ctx, liar.host.ID())
+			if err == nil {
+				t.Fatalf("accepted (%d keys)", n)
+			}
+			if n > cfg.ProviderCacheKeys {
+				t.Errorf("added %d keys, over the cache's %d", n, cfg.ProviderCacheKeys)
+			}
+		})
 	}
 }
 

@@ -48,7 +48,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		announcements: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_dht_announcements_total",
-			Help: "Gossipsub announcement messages sent and received (each carries up to 4096 keys).",
+			Help: "Announcement messages (each carries up to 4096 keys): sent and received over gossipsub, and fetched from a peer's holdings when first connected to it.",
 		}, []string{"direction"}),
 		announceErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "shoal_dht_announce_errors_total",
@@ -58,7 +58,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{"cache", "dht", "miss"} {
 		m.lookups.WithLabelValues(r)
 	}
-	for _, d := range []string{"sent", "received"} {
+	for _, d := range []string{"sent", "received", "fetched"} {
 		m.announcements.WithLabelValues(d)
 	}
 	if reg == nil {

@@ -33,9 +33,9 @@ type providerCache struct {
 	now     func() time.Time
 
 	mu    sync.Mutex
-	epoch time.Time            // holder.until counts seconds from here
-	ids   []peer.ID            // index -> peer
-	index map[peer.ID]uint32   // peer -> index
+	epoch time.Time             // holder.until counts seconds from here
+	ids   []peer.ID             // index -> peer
+	index map[peer.ID]uint32    // peer -> index
 	one   map[cacheKey]holder   // keys with exactly one holder
 	many  map[cacheKey][]holder // keys with more
 	// forgotten holds (key, peer) pairs a request found missing: a DHT
