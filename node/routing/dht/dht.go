@@ -251,6 +251,7 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 	r.dht, err = kad.New(h,
 		kad.Mode(kad.ModeServer),
 		kad.ProtocolPrefix("/shoal"),
+		kad.ProviderDatastore(newRecordStore()),
 		kad.ProviderManagerOpts(
 			records.ProvideValidity(cfg.ProviderTTL),
 			records.ProviderAddrTTL(cfg.ProviderTTL),
