@@ -9,9 +9,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -41,7 +43,7 @@ func runCache(args []string, stderr io.Writer) error {
 		storageName                = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
 		configFile                 = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
 		credsFile                  = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
-		redisURL                   = f.String("redis-url", "", "Redis URL (redis://host:6379/0) to share fetch leases and the rate-limit budget across replicas; empty keeps them in process")
+		redisURL                   = f.String("redis-url", "", "Redis URL to share fetch leases and the rate-limit budget across replicas: redis://[:password@]host:6379/0, or for Redis Sentinel redis://[sentinel-password@]sentinel1:26379/0?master_name=NAME&addr=sentinel2:26379&password=REDIS-PASSWORD; empty keeps them in process")
 		freshness                  = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
 		reserve                    = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
 		clientShare                = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
@@ -131,17 +133,9 @@ func runCache(args []string, stderr io.Writer) error {
 
 	var rdb *redis.Client
 	if *redisURL != "" {
-		opt, err := redis.ParseURL(*redisURL)
-		if err != nil {
+		if rdb, err = newRedisClient(*redisURL); err != nil {
 			return fmt.Errorf("--redis-url: %w", err)
 		}
-		// Every Redis call is bounded by its caller's context (a stopped
-		// Redis must cost a request a moment, not go-redis's retries).
-		opt.ContextTimeoutEnabled = true
-		if opt.MaxRetries == 0 {
-			opt.MaxRetries = 1
-		}
-		rdb = redis.NewClient(opt)
 		defer rdb.Close()
 	}
 	var state budget.State = budget.NewMemoryState()
@@ -264,4 +258,49 @@ func (c credentialRefs) Account(host string) string {
 		return c.inner.Account(ref)
 	}
 	return c.inner.Account(host)
+}
+
+// newRedisClient connects to the Redis that --redis-url names: a plain
+// server, or a primary found through Redis Sentinel when the URL carries
+// master_name (go-redis's failover URL form). The Sentinel client follows
+// a failover to the new primary. Every call is bounded by its caller's
+// context, and retried once: a stopped Redis must cost a request a moment,
+// not go-redis's retries. Errors never quote the URL, which may hold a
+// password.
+func newRedisClient(rawURL string) (*redis.Client, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return nil, errors.New("not a URL")
+	}
+	if u.Query().Has("master_name") {
+		opt, err := redis.ParseFailoverURL(rawURL)
+		if err != nil {
+			return nil, fmt.Errorf("sentinel URL: %w", redactErr(err, rawURL))
+		}
+		if opt.MasterName == "" {
+			return nil, errors.New("sentinel URL: master_name is empty")
+		}
+		opt.ContextTimeoutEnabled = true
+		if opt.MaxRetries == 0 {
+			opt.MaxRetries = 1
+		}
+		return redis.NewFailoverClient(opt), nil
+	}
+	opt, err := redis.ParseURL(rawURL)
+	if err != nil {
+		return nil, redactErr(err, rawURL)
+	}
+	opt.ContextTimeoutEnabled = true
+	if opt.MaxRetries == 0 {
+		opt.MaxRetries = 1
+	}
+	return redis.NewClient(opt), nil
+}
+
+// redactErr drops err's text if it quotes the URL.
+func redactErr(err error, rawURL string) error {
+	if strings.Contains(err.Error(), rawURL) {
+		return errors.New("invalid Redis URL")
+	}
+	return err
 }

@@ -24,6 +24,7 @@ type Redis struct {
 	bin  string
 	dir  string
 	port int
+	args []string // more redis-server flags (--replicaof)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -55,6 +56,7 @@ func (r *Redis) start(t testing.TB) {
 		"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--daemonize", "no",
 		"--logfile", filepath.Join(r.dir, "redis.log"), "--dir", r.dir)
+	cmd.Args = append(cmd.Args, r.args...)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start redis-server: %v", err)
 	}
