@@ -117,7 +117,7 @@ func newTransport(dial time.Duration) *http.Transport {
 }
 
 // ServeHTTP serves the registry API (/v2/, manifests and blobs) to this
-// node's containerd: local content, then peers, then the cache tier.
+// node's containerd, from the sources policy lists (source.go).
 func (n *Node) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	n.handle(w, r, r.Header.Get(PeerHeader) != "")
 }
@@ -164,12 +164,7 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request, fromPeer bool) erro
 		return oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not mirrored by this node", rt.Registry)
 	}
 	kind := kindLabel(rt)
-	var src string
-	if rt.Tag != "" {
-		src, err = n.serveTag(w, r, rt, fromPeer)
-	} else {
-		src, err = n.serveDigest(w, r, rt, fromPeer)
-	}
+	src, err := n.serveFrom(w, r, rt, n.policy(rt, fromPeer))
 	if err != nil && src == "" {
 		src = sourceMiss
 	}
@@ -182,101 +177,6 @@ func kindLabel(rt oci.Route) string {
 		return "blob"
 	}
 	return "manifest"
-}
-
-// serveTag resolves a tag. Tags are mutable: with a cache tier configured,
-// it decides. Only when it cannot answer do local and peer tags count.
-func (n *Node) serveTag(w http.ResponseWriter, r *http.Request, rt oci.Route, fromPeer bool) (string, error) {
-	ctx := r.Context()
-	var cacheErr error
-	if !fromPeer && n.cfg.CacheURL != "" {
-		err := n.relay(w, r, rt, n.cacheTargets(), nil, sourceCache)
-		if err == nil {
-			return sourceCache, nil
-		}
-		if authoritative(err) {
-			return "", err
-		}
-		cacheErr = err
-		n.cfg.Logger.InfoContext(ctx, "cache tier could not resolve tag, trying local and peers", "ref", rt.Reference(), "err", err)
-	}
-	d, err := n.cfg.Store.Resolve(ctx, rt.Reference())
-	if err == nil {
-		desc, err := n.cfg.Store.Stat(ctx, d)
-		if err == nil {
-			return sourceLocal, n.serveLocal(w, r, rt, desc)
-		}
-	}
-	if err != nil && !errors.Is(err, store.ErrNotFound) {
-		n.cfg.Logger.WarnContext(ctx, "local store", "ref", rt.Reference(), "err", err)
-	}
-	if fromPeer || !n.cfg.TrustPeerTags {
-		// A tag resolves only from a trusted source: the cache tier or this
-		// node's containerd. Any DHT member could answer a tag with an image
-		// of its choosing, and every digest check would pass; peers' tag
-		// answers count only inside a PSK network.
-		if cacheErr != nil {
-			return "", cacheErr
-		}
-		return "", oci.ErrManifestUnknown
-	}
-	if err := n.relayPeers(w, r, rt, rt.Reference()); err == nil {
-		return sourcePeer, nil
-	} else if !errors.Is(err, errNoSource) {
-		return "", err
-	}
-	if cacheErr != nil {
-		return "", cacheErr
-	}
-	return "", oci.ErrManifestUnknown
-}
-
-// authoritative reports whether a cache-tier error is a real answer (the
-// manifest does not exist, the request is malformed) rather than the tier
-// being unable to answer (down, rate-limited, erroring).
-func authoritative(err error) bool {
-	var oe *oci.Error
-	if !errors.As(err, &oe) {
-		return false
-	}
-	return oe.Status == http.StatusNotFound || oe.Status == http.StatusBadRequest
-}
-
-// serveDigest serves content addressed by digest: local, peers, cache tier.
-func (n *Node) serveDigest(w http.ResponseWriter, r *http.Request, rt oci.Route, fromPeer bool) (string, error) {
-	ctx := r.Context()
-	desc, err := n.cfg.Store.Stat(ctx, rt.Digest)
-	if err == nil {
-		return sourceLocal, n.serveLocal(w, r, rt, desc)
-	}
-	if !errors.Is(err, store.ErrNotFound) {
-		n.cfg.Logger.WarnContext(ctx, "local store", "digest", rt.Digest, "err", err)
-	}
-	unknown := oci.ErrBlobUnknown
-	if rt.Kind == oci.KindManifest {
-		unknown = oci.ErrManifestUnknown
-	}
-	if fromPeer {
-		return "", unknown
-	}
-	err = n.relayPeers(w, r, rt, rt.Digest.String())
-	if err == nil {
-		return sourcePeer, nil
-	}
-	if !errors.Is(err, errNoSource) {
-		return "", err
-	}
-	if n.cfg.CacheURL != "" {
-		err := n.relay(w, r, rt, n.cacheTargets(), nil, sourceCache)
-		if err == nil {
-			return sourceCache, nil
-		}
-		if errors.Is(err, errNoSource) {
-			return "", unknown
-		}
-		return "", err
-	}
-	return "", unknown
 }
 
 // serveLocal serves content from the store. http.ServeContent handles

@@ -356,6 +356,25 @@ func TestHandler(t *testing.T) {
 			t.Fatalf("status %d", resp.StatusCode)
 		}
 	})
+	t.Run("tag_and_digest_unknown_to_cache_tier_are_404", func(t *testing.T) {
+		// The cache tier's 404 is an answer: the node passes on "unknown"
+		// (containerd moves to its next host on 404), never a 500.
+		cache := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = io.WriteString(w, `{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}`)
+		}))
+		defer cache.Close()
+		for _, trust := range []bool{false, true} {
+			nodes := cluster(t, 2, func(_ int, c *Config) { c.CacheURL = cache.URL; c.TrustPeerTags = trust })
+			resp, body := get(t, "GET", nodes[0].srv.URL+"/v2/library/nothere/manifests/v1")
+			wantOCIError(t, resp, body, 404, "MANIFEST_UNKNOWN")
+			resp, body = get(t, "GET", nodes[0].srv.URL+"/v2/library/nothere/manifests/"+digest.FromString("x").String())
+			wantOCIError(t, resp, body, 404, "MANIFEST_UNKNOWN")
+			resp, body = get(t, "GET", nodes[0].srv.URL+"/v2/library/nothere/blobs/"+digest.FromString("x").String())
+			wantOCIError(t, resp, body, 404, "BLOB_UNKNOWN")
+		}
+	})
 	t.Run("digest_miss_goes_to_cache_tier", func(t *testing.T) {
 		d := digest.FromBytes(blob)
 		cache := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
