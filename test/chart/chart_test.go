@@ -237,8 +237,12 @@ func TestTemplateMatrix(t *testing.T) {
 			}
 		},
 		"external-redis": func(t *testing.T, objs []object, manifest string) {
+			// Three replicas on S3 sharing an external Redis behind Sentinel.
 			if find(objs, "Deployment", "rel-shoal-redis") != nil {
 				t.Error("built-in Redis rendered with an external URL")
+			}
+			if r := find(objs, "Deployment", "rel-shoal-cache")["spec"].(map[string]any)["replicas"]; r != 3 {
+				t.Errorf("cache replicas = %v, want 3", r)
 			}
 			c := containers(t, find(objs, "Deployment", "rel-shoal-cache"))[0]
 			if strings.Contains(strings.Join(c.Args, " "), "redis") {

@@ -54,6 +54,12 @@ type site struct {
 // containerd at its own node through `shoal configure`.
 func startSites(t *testing.T, versions ...harness.ContainerdVersion) []*site {
 	t.Helper()
+	return startSitesArgs(t, nil, versions...)
+}
+
+// startSitesArgs is startSites with extra flags for every node.
+func startSitesArgs(t *testing.T, args []string, versions ...harness.ContainerdVersion) []*site {
+	t.Helper()
 	bin := requireShoal(t)
 	var sites []*site
 	var routers []string
@@ -61,7 +67,7 @@ func startSites(t *testing.T, versions ...harness.ContainerdVersion) []*site {
 		name := string(rune('A' + i))
 		c := harness.StartContainerd(t, v)
 		n := harness.StartShoalNode(t, harness.NodeOptions{
-			Bin: bin, Name: name, Containerd: c, BootstrapPeers: routers,
+			Bin: bin, Name: name, Containerd: c, BootstrapPeers: routers, Args: args,
 		})
 		routers = append(routers, n.RouterAddr)
 		s := &site{name: name, ctrd: c, shoal: n}

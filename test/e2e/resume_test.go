@@ -33,7 +33,10 @@ const bigLayerSize = 128 << 20
 // of holders, through a node running --verify-blobs (the hashing relay). A
 // ctr pull on B afterwards completes from a surviving peer.
 func TestPeerKilledMidTransfer(t *testing.T) {
-	sites := startSites(t, harness.ContainerdV2, harness.ContainerdV2, harness.ContainerdV2)
+	// One peer at a time: this is the resume path. A striped fetch moves a
+	// killed holder's segments instead (stripe_test.go).
+	oneAtATime := []string{"--stripe-max-peers", "1"}
+	sites := startSitesArgs(t, oneAtATime, harness.ContainerdV2, harness.ContainerdV2, harness.ContainerdV2)
 	a, b, c := sites[0], sites[1], sites[2]
 
 	t0 := time.Now()
@@ -70,13 +73,13 @@ func TestPeerKilledMidTransfer(t *testing.T) {
 	}
 	peers := []string{a.shoal.RouterAddr, b.shoal.RouterAddr, c.shoal.RouterAddr}
 	revived := harness.StartShoalNode(t, harness.NodeOptions{
-		Bin: shoalBin, Name: killedSite.name + "2", Containerd: killedSite.ctrd, BootstrapPeers: peers,
+		Bin: shoalBin, Name: killedSite.name + "2", Containerd: killedSite.ctrd, BootstrapPeers: peers, Args: oneAtATime,
 	})
 	layoutDir := t.TempDir()
 	harness.WriteOCILayoutDir(t, layoutDir, harness.RandomImage(t, 1, 1<<10), "docker.io/library/other:v1")
 	verifier := harness.StartShoalNode(t, harness.NodeOptions{
 		Bin: shoalBin, Name: "V", LayoutDir: layoutDir, BootstrapPeers: peers,
-		Args: []string{"--verify-blobs"},
+		Args: append([]string{"--verify-blobs"}, oneAtATime...),
 	})
 	holders = []*harness.ShoalNode{revived, otherSite.shoal}
 	waitAdvertised(t, holders...)
@@ -233,7 +236,9 @@ func TestPeerStoppedMidTransfer(t *testing.T) {
 	otherDir := t.TempDir()
 	harness.WriteOCILayoutDir(t, otherDir, harness.RandomImage(t, 1, 1<<10), "docker.io/library/other:v1")
 	b := harness.StartShoalNode(t, harness.NodeOptions{Bin: bin, Name: "B", LayoutDir: otherDir,
-		BootstrapPeers: []string{a.RouterAddr, c.RouterAddr}, Args: []string{"--relay-idle-timeout", "1s"}})
+		// One peer at a time: this is the resume path. A striped fetch
+		// moves a stalled holder's segments instead (stripe_test.go).
+		BootstrapPeers: []string{a.RouterAddr, c.RouterAddr}, Args: []string{"--relay-idle-timeout", "1s", "--stripe-max-peers", "1"}})
 	holders := []*harness.ShoalNode{a, c}
 	waitAdvertised(t, holders...)
 	ld, err := layer.Digest()
