@@ -23,6 +23,7 @@ log() { echo "[install] $*" >&2; }
 apt_pkgs=()
 command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
 command -v redis-sentinel >/dev/null || apt_pkgs+=(redis-sentinel)
+command -v prometheus >/dev/null || apt_pkgs+=(prometheus)
 command -v nginx >/dev/null || apt_pkgs+=(nginx-light)
 command -v ip >/dev/null || apt_pkgs+=(iproute2)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || apt_pkgs+=(ca-certificates)
@@ -32,7 +33,7 @@ if ((${#apt_pkgs[@]})); then
   apt-get update -qq >/dev/null || true
   apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
   # The Debian packages start services by default on some images; tests start their own.
-  systemctl stop redis-server redis-sentinel nginx >/dev/null 2>&1 || true
+  systemctl stop redis-server redis-sentinel prometheus nginx >/dev/null 2>&1 || true
 fi
 
 gobin() { # name version pkg...

@@ -147,6 +147,15 @@ func New(cfg Config, opts ...Option) (*Client, error) {
 			return nil, fmt.Errorf("upstream: register metrics: %w", err)
 		}
 	}
+	// A 429 on a counted pull is the series operators alert on. It starts
+	// at zero for every upstream, so that increase() counts the first one
+	// (a counter born at 1 shows no increase) and the panel has a series
+	// before anything went wrong.
+	for host := range cfg.Registries {
+		if r, err := cfg.resolve(host); err == nil {
+			c.requests.WithLabelValues(r.host, http.MethodGet, "manifest", "429")
+		}
+	}
 	return c, nil
 }
 

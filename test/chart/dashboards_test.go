@@ -140,6 +140,7 @@ func TestDashboardsUseExportedMetrics(t *testing.T) {
 	if len(missing) > 0 {
 		t.Errorf("dashboards use metrics the binaries do not export:\n  %s", strings.Join(missing, "\n  "))
 	}
+	checkDashboardsOnPrometheus(t, node.MetricsAddr, cache.MetricsAddr)
 }
 
 func digests(ls []struct{ Digest string }) []string {
