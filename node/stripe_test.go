@@ -29,6 +29,9 @@ type stripeHolder struct {
 	srv   *httptest.Server
 	hits  atomic.Int32
 	bytes atomic.Int64
+	// ranged counts the requests with a Range header: the stripes asked of
+	// this holder.
+	ranged atomic.Int32
 	// fault, when set, handles the request instead (after counting).
 	fault atomic.Pointer[http.HandlerFunc]
 	// failRanges makes every request with a Range header fail with 500.
@@ -63,6 +66,9 @@ func newStripeFixture(t *testing.T, size, holders int, mutate func(*Config)) *st
 		h := &stripeHolder{}
 		h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			h.hits.Add(1)
+			if r.Header.Get("Range") != "" {
+				h.ranged.Add(1)
+			}
 			if fault := h.fault.Load(); fault != nil {
 				(*fault)(w, r)
 				return
@@ -116,13 +122,23 @@ func TestStriping_SpreadsOverHoldersByteIdentical(t *testing.T) {
 			if resp.Header.Get("Content-Length") != fmt.Sprint(len(f.blob)) {
 				t.Fatalf("Content-Length %q", resp.Header.Get("Content-Length"))
 			}
+			// What a holder wrote is no measure of what the node used: the
+			// first holder's whole-blob answer fills loopback's socket
+			// buffers (megabytes) before the node takes its first stripe
+			// and hangs up. The stripes asked of each holder are.
 			for i, h := range f.holders {
 				if h.bytes.Load() == 0 {
 					t.Errorf("holder %d served nothing", i)
 				}
-				if h.bytes.Load() > int64(len(f.blob))*2/3 {
-					t.Errorf("holder %d served %d of %d bytes: not spread", i, h.bytes.Load(), len(f.blob))
+			}
+			asked := 0
+			for _, h := range f.holders {
+				if h.ranged.Load() > 0 {
+					asked++
 				}
+			}
+			if asked < len(f.holders)-1 { // all but, at most, the first to answer
+				t.Errorf("%d of %d holders were asked for stripes", asked, len(f.holders))
 			}
 			if v := striped(t, f.node); v != 1 {
 				t.Errorf("striped transfers = %v, want 1", v)
