@@ -32,12 +32,10 @@ type providerCache struct {
 	ttl     time.Duration
 	now     func() time.Time
 
-	mu    sync.Mutex
-	epoch time.Time             // holder.until counts seconds from here
-	ids   []peer.ID             // index -> peer
-	index map[peer.ID]uint32    // peer -> index
-	one   map[cacheKey]holder   // keys with exactly one holder
-	many  map[cacheKey][]holder // keys with more
+	mu      sync.Mutex
+	epoch   time.Time                // holder.until counts seconds from here
+	peers   interner[peer.ID]        // holder.peer indexes it
+	holders sparse[cacheKey, holder] // each key's holders
 	// forgotten holds (key, peer) pairs a request found missing: a DHT
 	// record for them is ignored until it would have expired.
 	forgotten map[forgetKey]time.Time
@@ -65,32 +63,9 @@ func newProviderCache(maxKeys int, ttl time.Duration, now func() time.Time) *pro
 		ttl:       ttl,
 		now:       now,
 		epoch:     now(),
-		index:     make(map[peer.ID]uint32),
-		one:       make(map[cacheKey]holder),
-		many:      make(map[cacheKey][]holder),
+		peers:     newInterner[peer.ID](),
+		holders:   newSparse[cacheKey, holder](),
 		forgotten: make(map[forgetKey]time.Time),
-	}
-}
-
-// holders returns k's holders; the slice may be modified and passed to set.
-func (c *providerCache) holders(k cacheKey) []holder {
-	if h, ok := c.one[k]; ok {
-		return []holder{h}
-	}
-	return c.many[k]
-}
-
-func (c *providerCache) set(k cacheKey, hs []holder) {
-	switch len(hs) {
-	case 0:
-		delete(c.one, k)
-		delete(c.many, k)
-	case 1:
-		c.one[k] = hs[0]
-		delete(c.many, k)
-	default:
-		c.many[k] = hs
-		delete(c.one, k)
 	}
 }
 
@@ -99,23 +74,13 @@ func (c *providerCache) seconds(t time.Time) uint32 {
 	return uint32(min(max(d, 0), 1<<32-1))
 }
 
-func (c *providerCache) intern(p peer.ID) uint32 {
-	if i, ok := c.index[p]; ok {
-		return i
-	}
-	i := uint32(len(c.ids))
-	c.ids = append(c.ids, p)
-	c.index[p] = i
-	return i
-}
-
 // add records p as a holder of keys and returns how many it accepted.
 // fromDHT marks what a lookup found, which a recent withdrawal or Forget
 // overrides; an announcement from p itself always counts.
 func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	i := c.intern(p)
+	i := c.peers.id(p)
 	now := c.now()
 	accepted := 0
 	for _, kh := range keys {
@@ -128,17 +93,17 @@ func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 			delete(c.forgotten, fk)
 		}
 		accepted++
-		hs := c.holders(k)
+		hs := c.holders.get(k)
 		if len(hs) == 0 && c.size() >= c.maxKeys {
 			c.shrink()
 		}
 		until := c.seconds(now.Add(c.ttl))
-		if j := indexOf(hs, i); j >= 0 {
+		if j := indexOfPeer(hs, i); j >= 0 {
 			hs[j].until = until
 		} else {
 			hs = append(hs, holder{peer: i, until: until})
 		}
-		c.set(k, hs)
+		c.holders.put(k, hs)
 	}
 	return accepted
 }
@@ -147,14 +112,14 @@ func (c *providerCache) add(p peer.ID, fromDHT bool, keys ...keyHash) int {
 // so the victims are too.
 func (c *providerCache) shrink() {
 	n := max(c.maxKeys/10, 1)
-	for k := range c.one {
-		delete(c.one, k)
+	for k := range c.holders.one {
+		delete(c.holders.one, k)
 		if n--; n == 0 {
 			return
 		}
 	}
-	for k := range c.many {
-		delete(c.many, k)
+	for k := range c.holders.many {
+		delete(c.holders.many, k)
 		if n--; n == 0 {
 			return
 		}
@@ -167,7 +132,7 @@ func (c *providerCache) shrink() {
 func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	i := c.intern(p)
+	i := c.peers.id(p)
 	now := c.now()
 	for _, kh := range keys {
 		k := cacheKeyOf(kh)
@@ -187,28 +152,23 @@ func (c *providerCache) forget(p peer.ID, ttl time.Duration, keys ...keyHash) {
 	}
 }
 
-func (c *providerCache) drop(k cacheKey, i uint32) {
-	hs := c.holders(k)
-	if j := indexOf(hs, i); j >= 0 {
-		c.set(k, append(hs[:j:j], hs[j+1:]...))
-	}
-}
+func (c *providerCache) drop(k cacheKey, i uint32) { removePeer(c.holders, k, i) }
 
 // dropPeer forgets everything p holds (p is gone for good).
 func (c *providerCache) dropPeer(p peer.ID) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	i, ok := c.index[p]
+	i, ok := c.peers.lookup(p)
 	if !ok {
 		return
 	}
-	for k, h := range c.one {
+	for k, h := range c.holders.one {
 		if h.peer == i {
-			delete(c.one, k)
+			delete(c.holders.one, k)
 		}
 	}
-	for k, hs := range c.many {
-		if indexOf(hs, i) >= 0 {
+	for k, hs := range c.holders.many {
+		if indexOfPeer(hs, i) >= 0 {
 			c.drop(k, i)
 		}
 	}
@@ -218,12 +178,12 @@ func (c *providerCache) dropPeer(p peer.ID) {
 func (c *providerCache) get(key keyHash) []peer.ID {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	hs := c.holders(cacheKeyOf(key))
+	hs := c.holders.get(cacheKeyOf(key))
 	now := c.seconds(c.now())
 	out := make([]peer.ID, 0, len(hs))
 	for _, h := range hs {
 		if now < h.until {
-			out = append(out, c.ids[h.peer])
+			out = append(out, c.peers.value(h.peer))
 		}
 	}
 	return out
@@ -236,16 +196,9 @@ func (c *providerCache) Len() int {
 	return c.size()
 }
 
-func (c *providerCache) size() int { return len(c.one) + len(c.many) }
+func (c *providerCache) size() int { return c.holders.keys() }
 
-func indexOf(hs []holder, i uint32) int {
-	for j, h := range hs {
-		if h.peer == i {
-			return j
-		}
-	}
-	return -1
-}
+func (h holder) peerIndex() uint32 { return h.peer }
 
 // liveness tracks peers that could not be reached, so a dead node costs at
 // most one failed dial: after that, lookups skip it until it connects again

@@ -25,13 +25,11 @@ import (
 // map store walks every record.
 type recordStore struct {
 	mu sync.Mutex
-	// sha holds records for SHA-256 multihashes (what shoal's keys are):
-	// one is the common case of a key one provider gave this node.
-	one  map[shaKey]record
-	many map[shaKey][]record
-	// ids and index intern provider peer IDs (raw bytes, as strings).
-	ids   []string
-	index map[string]uint32
+	// recs holds records for SHA-256 multihashes (what shoal's keys are),
+	// most of them a key one provider gave this node.
+	recs sparse[shaKey, record]
+	// peers interns provider peer IDs (raw bytes, as strings).
+	peers interner[string]
 	// other holds every key recordStore does not parse, as the map store would.
 	other map[ds.Key][]byte
 }
@@ -54,9 +52,8 @@ var b32 = base32.StdEncoding.WithPadding(base32.NoPadding)
 
 func newRecordStore() *recordStore {
 	return &recordStore{
-		one:   make(map[shaKey]record),
-		many:  make(map[shaKey][]record),
-		index: make(map[string]uint32),
+		recs:  newSparse[shaKey, record](),
+		peers: newInterner[string](),
 		other: make(map[ds.Key][]byte),
 	}
 }
@@ -107,45 +104,7 @@ func encodeSHAKey(mh shaKey) string {
 	return b32.EncodeToString(append(shaPrefix[:], mh[:]...))
 }
 
-func (s *recordStore) intern(p string) uint32 {
-	if i, ok := s.index[p]; ok {
-		return i
-	}
-	i := uint32(len(s.ids))
-	s.ids = append(s.ids, p)
-	s.index[p] = i
-	return i
-}
-
-func (s *recordStore) records(mh shaKey) []record {
-	if r, ok := s.one[mh]; ok {
-		return []record{r}
-	}
-	return s.many[mh]
-}
-
-func (s *recordStore) set(mh shaKey, rs []record) {
-	switch len(rs) {
-	case 0:
-		delete(s.one, mh)
-		delete(s.many, mh)
-	case 1:
-		s.one[mh] = rs[0]
-		delete(s.many, mh)
-	default:
-		s.many[mh] = rs
-		delete(s.one, mh)
-	}
-}
-
-func recordIndex(rs []record, p uint32) int {
-	for i, r := range rs {
-		if r.peer == p {
-			return i
-		}
-	}
-	return -1
-}
+func (r record) peerIndex() uint32 { return r.peer }
 
 // Put implements ds.Write.
 func (s *recordStore) Put(_ context.Context, key ds.Key, value []byte) error {
@@ -161,27 +120,24 @@ func (s *recordStore) Put(_ context.Context, key ds.Key, value []byte) error {
 		return nil
 	}
 	delete(s.other, key)
-	i := s.intern(p)
-	rs := s.records(mh)
-	if j := recordIndex(rs, i); j >= 0 {
+	i := s.peers.id(p)
+	rs := s.recs.get(mh)
+	if j := indexOfPeer(rs, i); j >= 0 {
 		rs[j].t = t
 	} else {
 		rs = append(rs, record{peer: i, t: t})
 	}
-	s.set(mh, rs)
+	s.recs.put(mh, rs)
 	return nil
 }
 
 // drop removes p's record for mh, if there is one.
 func (s *recordStore) drop(mh shaKey, p string) {
-	i, known := s.index[p]
+	i, known := s.peers.lookup(p)
 	if !known {
 		return
 	}
-	rs := s.records(mh)
-	if j := recordIndex(rs, i); j >= 0 {
-		s.set(mh, append(rs[:j:j], rs[j+1:]...))
-	}
+	removePeer(s.recs, mh, i)
 }
 
 // Delete implements ds.Write.
@@ -200,9 +156,9 @@ func (s *recordStore) Get(_ context.Context, key ds.Key) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if mh, p, ok := parseRecordKey(key.String()); ok {
-		if i, known := s.index[p]; known {
-			rs := s.records(mh)
-			if j := recordIndex(rs, i); j >= 0 {
+		if i, known := s.peers.lookup(p); known {
+			rs := s.recs.get(mh)
+			if j := indexOfPeer(rs, i); j >= 0 {
 				return binary.AppendVarint(nil, rs[j].t), nil
 			}
 		}
@@ -239,21 +195,21 @@ func (s *recordStore) Query(_ context.Context, q dsq.Query) (dsq.Results, error)
 	var entries []dsq.Entry
 	add := func(mh shaKey, r record) {
 		v := binary.AppendVarint(nil, r.t)
-		e := dsq.Entry{Key: providersPrefix + encodeSHAKey(mh) + "/" + b32.EncodeToString([]byte(s.ids[r.peer])), Size: len(v)}
+		e := dsq.Entry{Key: providersPrefix + encodeSHAKey(mh) + "/" + b32.EncodeToString([]byte(s.peers.value(r.peer))), Size: len(v)}
 		if !q.KeysOnly {
 			e.Value = v
 		}
 		entries = append(entries, e)
 	}
 	if mh, ok := parseRecordPrefix(q.Prefix); ok {
-		for _, r := range s.records(mh) {
+		for _, r := range s.recs.get(mh) {
 			add(mh, r)
 		}
 	} else {
-		for mh, r := range s.one {
+		for mh, r := range s.recs.one {
 			add(mh, r)
 		}
-		for mh, rs := range s.many {
+		for mh, rs := range s.recs.many {
 			for _, r := range rs {
 				add(mh, r)
 			}
@@ -284,8 +240,8 @@ func (s *recordStore) Close() error { return nil }
 func (s *recordStore) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := len(s.one)
-	for _, rs := range s.many {
+	n := len(s.recs.one)
+	for _, rs := range s.recs.many {
 		n += len(rs)
 	}
 	return n
