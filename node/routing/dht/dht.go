@@ -573,21 +573,12 @@ func (r *Router) connectSoon(id peer.ID) {
 // dialSoon runs dial for id in the background, one at a time per peer,
 // within DialTimeout; with markDead, a failure marks id dead.
 func (r *Router) dialSoon(id peer.ID, dial func(context.Context) error, markDead bool) {
-	r.mu.Lock()
-	if r.closed || r.probing[id] {
-		r.mu.Unlock()
+	if !r.claim(r.probing, id) {
 		return
 	}
-	r.probing[id] = true
-	r.wg.Add(1)
-	r.mu.Unlock()
 	go func() {
 		defer r.wg.Done()
-		defer func() {
-			r.mu.Lock()
-			delete(r.probing, id)
-			r.mu.Unlock()
-		}()
+		defer r.unclaim(r.probing, id)
 		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)
 		defer cancel()
 		if err := dial(ctx); err != nil && markDead && r.ctx.Err() == nil {
@@ -597,14 +588,33 @@ func (r *Router) dialSoon(id peer.ID, dial func(context.Context) error, markDead
 	}()
 }
 
+// claim marks id in set, one of the router's per-peer job sets, and counts
+// the job in wg, which the job's goroutine must mark done. It returns false,
+// and does neither, while the router closes or when id is already marked.
+func (r *Router) claim(set map[peer.ID]bool, id peer.ID) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed || set[id] {
+		return false
+	}
+	set[id] = true
+	r.wg.Add(1)
+	return true
+}
+
+// unclaim clears id's mark in set.
+func (r *Router) unclaim(set map[peer.ID]bool, id peer.ID) {
+	r.mu.Lock()
+	delete(set, id)
+	r.mu.Unlock()
+}
+
 func (r *Router) probeDead() {
 	for id, since := range r.live.snapshot() {
 		if time.Since(since) > deadPeerForgetAfter {
 			r.cache.dropPeer(id)
-			r.live.markAlive(id) // forgotten; a new record makes it a candidate again
-			r.mu.Lock()
-			delete(r.holdingsAsked, id) // if it comes back, ask it again
-			r.mu.Unlock()
+			r.live.markAlive(id)           // forgotten; a new record makes it a candidate again
+			r.unclaim(r.holdingsAsked, id) // if it comes back, ask it again
 			continue
 		}
 		ctx, cancel := context.WithTimeout(r.ctx, r.cfg.DialTimeout)

@@ -61,14 +61,9 @@ func (r *Router) serveHoldings(s network.Stream) {
 
 // holdingsSoon fetches id's holdings in the background, once per peer.
 func (r *Router) holdingsSoon(id peer.ID) {
-	r.mu.Lock()
-	if r.closed || r.holdingsAsked[id] {
-		r.mu.Unlock()
+	if !r.claim(r.holdingsAsked, id) {
 		return
 	}
-	r.holdingsAsked[id] = true
-	r.wg.Add(1)
-	r.mu.Unlock()
 	go func() {
 		defer r.wg.Done()
 		select {
@@ -84,9 +79,7 @@ func (r *Router) holdingsSoon(id peer.ID) {
 			// An older node does not speak the protocol; one that failed
 			// mid-way is asked again when it next connects.
 			r.log.Debug("holdings not fetched", "peer", id, "keys", n, "error", err)
-			r.mu.Lock()
-			delete(r.holdingsAsked, id)
-			r.mu.Unlock()
+			r.unclaim(r.holdingsAsked, id)
 			return
 		}
 		r.metrics.cachedKeys.Set(float64(r.cache.Len()))
