@@ -60,24 +60,18 @@ func startShoalCache(b *testing.B, bin string, hubs []*hub.Hub, extra ...string)
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		b.Fatalf("start shoal cache: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
+	// Registered first, so that it runs after the process has stopped.
 	b.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
+		logf.Close()
 		if b.Failed() {
 			log, _ := os.ReadFile(filepath.Join(dir, "cache.log"))
 			b.Logf("shoal cache log:\n%s", log)
 		}
 	})
+	done, err := harness.Spawn(b, cmd, syscall.SIGTERM, 10*time.Second)
+	if err != nil {
+		b.Fatalf("start shoal cache: %v", err)
+	}
 	c := &http.Client{Timeout: time.Second}
 	waitFor(b, 20*time.Second, "shoal cache ready", func() error {
 		select {

@@ -149,25 +149,17 @@ func daemon(t *testing.T, dir, name, bin string, args ...string) {
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+	// Registered first, so that it runs after the process has stopped.
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
 		if t.Failed() {
 			b, _ := os.ReadFile(logf.Name())
 			t.Logf("%s log tail:\n%s", name, tail(string(b), 2000))
 		}
 		logf.Close()
 	})
+	if _, err := harness.Spawn(t, cmd, os.Interrupt, 5*time.Second); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
 }
 
 // serviceMonitorCRD is a minimal CRD for monitoring.coreos.com/v1

@@ -58,16 +58,9 @@ sentinel parallel-syncs %s 1
 		if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		cmd := exec.Command(bin, conf)
-		if err := cmd.Start(); err != nil {
+		if _, err := Spawn(t, exec.Command(bin, conf), syscall.SIGKILL, time.Second); err != nil {
 			t.Fatalf("start sentinel %d: %v", i, err)
 		}
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		t.Cleanup(func() {
-			_ = cmd.Process.Signal(syscall.SIGKILL)
-			<-done
-		})
 		s.addrs = append(s.addrs, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 	}
 	s.URL = fmt.Sprintf("redis://%s/0?master_name=%s&addr=%s&addr=%s", s.addrs[0], SentinelMaster, s.addrs[1], s.addrs[2])
