@@ -22,6 +22,31 @@ func readyz(c *cacheProc) (int, error) {
 	return resp.StatusCode, nil
 }
 
+// startSharedReplicas starts two cache replicas on one storage directory
+// and the Redis at redisURL.
+func startSharedReplicas(t *testing.T, h *hub.Hub, redisURL string) (r1, r2 *cacheProc) {
+	t.Helper()
+	shared := filepath.Join(t.TempDir(), "registry")
+	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", redisURL}
+	return startCache(t, h, cacheOpts{name: "r1", args: args}), startCache(t, h, cacheOpts{name: "r2", args: args})
+}
+
+// waitRedisUp waits until c reports Redis reachable (up) or not, as
+// shoal_dependency_up says; what names the wait.
+func waitRedisUp(t *testing.T, c *cacheProc, up bool, timeout time.Duration, what string) {
+	t.Helper()
+	want := 0.0
+	if up {
+		want = 1
+	}
+	eventually(t, timeout, c.name+" "+what, func() error {
+		if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != want {
+			return fmt.Errorf("shoal_dependency_up = %v", v)
+		}
+		return nil
+	})
+}
+
 // TestRedisFaults_ReplicasStayReadyAndServe: two replicas share storage and a
 // Redis. Redis is killed, or stopped (SIGSTOP: connections hang). Both
 // replicas stay ready, say they run degraded (log line and metric), and keep
@@ -32,10 +57,7 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 		t.Run(fault, func(t *testing.T) {
 			h := hub.Start(t)
 			rd := harness.StartRedisServer(t)
-			shared := filepath.Join(t.TempDir(), "registry")
-			args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL}
-			r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
-			r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
+			r1, r2 := startSharedReplicas(t, h, rd.URL)
 
 			warm := harness.RandomImage(t, 2, 64<<10)
 			h.Push(t, "library/warm", "v1", warm)
@@ -49,12 +71,7 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 				t.Cleanup(rd.Resume)
 			}
 			for _, c := range []*cacheProc{r1, r2} {
-				eventually(t, 15*time.Second, c.name+" reports redis degraded", func() error {
-					if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 0 {
-						return fmt.Errorf("shoal_dependency_up = %v", v)
-					}
-					return nil
-				})
+				waitRedisUp(t, c, false, 15*time.Second, "reports redis degraded")
 				if st, err := readyz(c); err != nil || st != http.StatusOK {
 					t.Fatalf("%s /readyz with redis %s: %d %v; want 200 (it can serve)", c.name, fault, st, err)
 				}
@@ -97,12 +114,7 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 				rd.Resume()
 			}
 			for _, c := range []*cacheProc{r1, r2} {
-				eventually(t, 15*time.Second, c.name+" reports redis recovered", func() error {
-					if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 1 {
-						return fmt.Errorf("shoal_dependency_up = %v", v)
-					}
-					return nil
-				})
+				waitRedisUp(t, c, true, 15*time.Second, "reports redis recovered")
 				if v := c.metric(t, "shoal_dependency_transitions_total", `dependency="redis"`, `to="recovered"`); v < 1 {
 					t.Errorf("%s: recovered transitions = %v, want >= 1", c.name, v)
 				}

@@ -3,7 +3,6 @@ package cache_e2e
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -25,17 +24,9 @@ import (
 func TestRedisSentinelFailover(t *testing.T) {
 	h := hub.Start(t)
 	sn := harness.StartSentinel(t)
-	shared := filepath.Join(t.TempDir(), "registry")
-	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", sn.URL}
-	r1 := startCache(t, h, cacheOpts{name: "r1", args: args})
-	r2 := startCache(t, h, cacheOpts{name: "r2", args: args})
+	r1, r2 := startSharedReplicas(t, h, sn.URL)
 	for _, c := range []*cacheProc{r1, r2} {
-		eventually(t, 15*time.Second, c.name+" reaches the primary", func() error {
-			if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 1 {
-				return fmt.Errorf("shoal_dependency_up = %v", v)
-			}
-			return nil
-		})
+		waitRedisUp(t, c, true, 15*time.Second, "reaches the primary")
 	}
 
 	warm := harness.RandomImage(t, 2, 64<<10)
@@ -83,12 +74,7 @@ func TestRedisSentinelFailover(t *testing.T) {
 	})
 	promoted := time.Since(killed)
 	for _, c := range []*cacheProc{r1, r2} {
-		eventually(t, 30*time.Second, c.name+" uses the new primary", func() error {
-			if v := c.metric(t, "shoal_dependency_up", `dependency="redis"`); v != 1 {
-				return fmt.Errorf("shoal_dependency_up = %v", v)
-			}
-			return nil
-		})
+		waitRedisUp(t, c, true, 30*time.Second, "uses the new primary")
 	}
 	t.Logf("failover window: replica promoted %s after the kill, both cache replicas on it %s after", promoted.Round(100*time.Millisecond), time.Since(killed).Round(100*time.Millisecond))
 	if keys, err := budgetKeys(sn.Replica.Addr); err != nil || len(keys) == 0 {
