@@ -346,8 +346,7 @@ func servePprof(ctx context.Context, log *slog.Logger, addr string) error {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := newServer(addr, mux, log)
-	srv.WriteTimeout = 0 // a CPU profile or trace streams for as long as asked
+	srv := newServer(addr, mux, log) // no write timeout: a CPU profile or trace streams for as long as asked
 	go func() { _ = srv.Serve(l) }()
 	go func() {
 		<-ctx.Done()

@@ -53,6 +53,9 @@ type Node struct {
 	// stripeBufs holds *[]byte segment buffers of striped fetches.
 	stripeBufs sync.Pool
 	synced     atomic.Bool
+	// policies are the sources each kind of request tries, in order
+	// (policyFor); they depend on the configuration only.
+	policies [numRequestKinds][]step
 }
 
 // New builds a Node. It registers its metrics on cfg.Registerer.
@@ -76,7 +79,7 @@ func New(cfg Config) (*Node, error) {
 		}
 		allowed[reg] = true
 	}
-	return &Node{
+	n := &Node{
 		cfg:     cfg,
 		allowed: allowed,
 		picker:  routing.NewPicker(cfg.Zone, cfg.PeerCoolDown, time.Now),
@@ -95,7 +98,11 @@ func New(cfg Config) (*Node, error) {
 		bufs: sync.Pool{New: func() any {
 			return &[2][]byte{make([]byte, relayChunk), make([]byte, 0, relayChunk)}
 		}},
-	}, nil
+	}
+	for k := range n.policies {
+		n.policies[k] = n.policyFor(requestKind(k))
+	}
+	return n, nil
 }
 
 func noRedirects(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
@@ -164,7 +171,7 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request, fromPeer bool) erro
 		return oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not mirrored by this node", rt.Registry)
 	}
 	kind := kindLabel(rt)
-	src, err := n.serveFrom(w, r, rt, n.policy(rt, fromPeer))
+	src, err := n.serveFrom(w, r, rt, n.policies[kindOf(rt, fromPeer)])
 	if err != nil && src == "" {
 		src = sourceMiss
 	}

@@ -10,7 +10,7 @@ import (
 
 // A source is one place a request's content can come from: this node's
 // store, the peers that hold it, or the cache tier. The handler's policy is
-// an ordered list of sources per kind of request (policy).
+// an ordered list of sources per kind of request (policyFor).
 type source interface {
 	// name labels the source in metrics and logs.
 	name() string
@@ -31,7 +31,28 @@ type step struct {
 	soft func(error) bool
 }
 
-// policy returns the sources a request tries, in order.
+// requestKind is what decides which sources a request tries.
+type requestKind int
+
+const (
+	fromPeerRequest requestKind = iota // a peer's request, digest or tag
+	digestRequest
+	tagRequest
+	numRequestKinds
+)
+
+func kindOf(rt oci.Route, fromPeer bool) requestKind {
+	switch {
+	case fromPeer:
+		return fromPeerRequest
+	case rt.Tag != "":
+		return tagRequest
+	default:
+		return digestRequest
+	}
+}
+
+// policyFor returns the sources a kind of request tries, in order.
 //
 //   - A peer's request: this node's store only, never a relay onward.
 //   - A digest: the store, then the peers that hold it (several at once for
@@ -42,14 +63,14 @@ type step struct {
 //     the peers count. A tag resolves only from a trusted source: any DHT
 //     member could answer a tag with an image of its choosing, and every
 //     digest check would pass.
-func (n *Node) policy(rt oci.Route, fromPeer bool) []step {
+func (n *Node) policyFor(k requestKind) []step {
 	local := step{src: localSource{n}}
-	if fromPeer {
-		return []step{local}
-	}
 	cacheTier := n.cfg.CacheURL != ""
 	var steps []step
-	if rt.Tag != "" {
+	switch k {
+	case fromPeerRequest:
+		return []step{local}
+	case tagRequest:
 		if cacheTier {
 			steps = append(steps, step{src: cacheSource{n}, soft: func(err error) bool { return !authoritative(err) }})
 		}
