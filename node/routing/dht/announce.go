@@ -6,8 +6,8 @@ import (
 	"time"
 
 	pubsub "github.com/libp2p/go-libp2p-pubsub"
-
 	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 
@@ -15,8 +15,8 @@ import (
 // lookups are answered from the provider cache without a DHT query. They go
 // over gossipsub on announceTopic, signed by their origin (StrictSign), so a
 // node can only announce for itself. They are best effort: a node that
-// joins later, or misses a message, finds keys through the DHT.
-// The message format is package wire.
+// joins later, or misses a message, finds keys through the DHT (or a
+// peer's holdings, holdings.go). The message format is package wire.
 const (
 	announceTopic = "/shoal/announce/1"
 	// meshSettle is how long the topic must have had peers before the

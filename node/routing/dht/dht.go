@@ -59,7 +59,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-oci/shoal/node/routing"
-
 	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 )
 

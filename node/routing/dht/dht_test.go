@@ -20,9 +20,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/shoal-oci/shoal/node/routing"
-	"github.com/shoal-oci/shoal/node/routing/routingtest"
-
 	"github.com/shoal-oci/shoal/node/routing/dht/wire"
+	"github.com/shoal-oci/shoal/node/routing/routingtest"
 )
 
 const testTTL = 2 * time.Second
