@@ -39,7 +39,7 @@ import (
 )
 
 // nodeGCPercent is the node's garbage-collection target unless GOGC is set.
-const nodeGCPercent = 50
+const nodeGCPercent = 25
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
@@ -431,7 +431,7 @@ func runNode(args []string, stderr io.Writer) error {
 		return err
 	}
 	// An idle node's heap is mostly what it knows about peers' content;
-	// collecting at 50% growth instead of Go's 100% keeps its memory
+	// collecting at 25% growth instead of Go's 100% keeps its memory
 	// within what a DaemonSet pod on every node should cost. GOGC, when
 	// set, still decides.
 	if os.Getenv("GOGC") == "" {
