@@ -25,6 +25,7 @@ import (
 	"github.com/shoal-oci/shoal/auth"
 	"github.com/shoal-oci/shoal/cache"
 	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/cache/herd"
 	"github.com/shoal-oci/shoal/cache/health"
 	"github.com/shoal-oci/shoal/cache/recency"
 	"github.com/shoal-oci/shoal/oci"
@@ -52,6 +53,7 @@ func runCache(args []string, stderr io.Writer) error {
 		tokenFile                  = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
 		upTimeout                  = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
 		upIdle                     = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
+		herdDirect                 = f.Int("herd-direct", 2, "when many nodes ask for one blob at once (a scale-out), serve this many of them and send the rest to the nodes already receiving it, so the cache tier sends this many copies, not one per node; 0 serves every node")
 		grace, logLevel, pprofAddr = f.daemonFlags()
 		upstreams                  listFlag
 		storageOpts                listFlag
@@ -210,8 +212,17 @@ func runCache(args []string, stderr io.Writer) error {
 		go rs.Run(ctx)
 		share = rs
 	}
+	var tracker cache.Herd
+	if *herdDirect > 0 {
+		if tracker, err = herd.New(herd.Config{Direct: *herdDirect, Registerer: reg}); err != nil {
+			return err
+		}
+	} else if *herdDirect < 0 {
+		return fmt.Errorf("--herd-direct %d: must be 0 or more", *herdDirect)
+	}
 	c, err := cache.New(ctx, cache.Config{
 		EvictShare:    share,
+		Herd:          tracker,
 		ReplicaClient: &http.Client{Transport: token.RoundTripper(cache.ReplicaTransport())},
 		Driver:        driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
 		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,

@@ -78,6 +78,10 @@ type Config struct {
 	// EvictShare shares recency and the eviction pass across replicas on
 	// shared storage (*recency.Redis). Nil: this replica's view only.
 	EvictShare EvictShare
+	// Herd spreads a blob that many nodes ask for at once over the nodes
+	// (*herd.Tracker): the first few are served, the rest are sent to the
+	// nodes receiving it. Nil: every node is served.
+	Herd Herd
 	// EvictInterval is how often the size bound is enforced. Default 1m.
 	EvictInterval time.Duration
 	// DrainTimeout bounds how long Run waits, once its context ends, for
@@ -87,6 +91,15 @@ type Config struct {
 	Registerer   prometheus.Registerer
 	// Now is the clock; default time.Now.
 	Now func() time.Time
+}
+
+// Herd decides, for a node's blob request, whether the cache tier serves it
+// or sends the node to nodes that are receiving the blob (oci/herd.go).
+type Herd interface {
+	// Join returns the receivers to send node to, or none and a done func
+	// to call with the bytes sent when the cache tier serves it. force:
+	// the node's receivers could not serve it.
+	Join(key, node string, force bool) (receivers []string, done func(sent int64))
 }
 
 // Cache is the pull-through cache. It implements http.Handler.

@@ -30,6 +30,7 @@ const (
 	resultRevalidated = "revalidated" // tag checked upstream with a free HEAD, unchanged
 	resultStale       = "stale"       // served from storage although upstream could not confirm it
 	resultError       = "error"
+	resultRedirected  = "redirected" // a node sent to the nodes receiving the blob (herd)
 )
 
 // staleWarning is the RFC 7234 warning for a response served stale.
@@ -374,6 +375,24 @@ func setSize(w io.Writer, n int64) {
 // streamed to every waiter as it arrives and verified before it is stored.
 func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string, error) {
 	ctx := r.Context()
+	if node := r.Header.Get(oci.HerdPeerHeader); node != "" && c.cfg.Herd != nil && !q.head {
+		if !oci.ValidPeerID(node) {
+			return "", oci.Errorf(http.StatusBadRequest, oci.CodeUnsupported, "%s is not a peer ID", oci.HerdPeerHeader)
+		}
+		// A range past the start is a resume: the node has the beginning
+		// already, and a chain behind it would wait on its own bytes.
+		br, ranged, _ := oci.ParseRange(r.Header.Get("Range"), 1<<62)
+		force := r.Header.Get(oci.HerdDirectHeader) != "" || ranged && br.Start > 0
+		receivers, done := c.cfg.Herd.Join(q.Digest.String(), node, force)
+		if len(receivers) > 0 {
+			w.Header().Set(oci.HerdReceiversHeader, strings.Join(receivers, ","))
+			oci.WriteError(w, r, oci.Errorf(oci.HerdRedirectStatus, oci.CodeUnavailable, "blob %s: ask the nodes receiving it", q.Digest))
+			return resultRedirected, nil
+		}
+		cw := &countingWriter{ResponseWriter: w}
+		defer func() { done(cw.n) }()
+		w = cw
+	}
 	if desc, ok, err := c.store.statBlob(ctx, q.Digest); err != nil {
 		return "", err
 	} else if ok {

@@ -21,7 +21,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_cache_requests_total",
-			Help: "Cache tier requests by result (hit, miss, revalidated, stale, error) and kind (manifest, blob).",
+			Help: "Cache tier requests by result (hit, miss, revalidated, stale, error, redirected) and kind (manifest, blob).",
 		}, []string{"result", "kind"}),
 		stale: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_cache_stale_served_total",
@@ -58,6 +58,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.requests.WithLabelValues(r, k)
 		}
 	}
+	m.requests.WithLabelValues(resultRedirected, "blob")
 	for _, r := range []string{"rate_limited", "unavailable", "timeout"} {
 		m.stale.WithLabelValues(r)
 	}

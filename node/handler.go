@@ -53,6 +53,8 @@ type Node struct {
 	// stripeBufs holds *[]byte segment buffers of striped fetches.
 	stripeBufs sync.Pool
 	synced     atomic.Bool
+	// receivingNow counts the blobs this node's containerd is fetching.
+	receivingNow receiving
 	// policies are the sources each kind of request tries, in order
 	// (policyFor); they depend on the configuration only.
 	policies [numRequestKinds][]step
@@ -171,6 +173,11 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request, fromPeer bool) erro
 		return oci.Errorf(http.StatusNotFound, oci.CodeNameUnknown, "registry %s is not mirrored by this node", rt.Registry)
 	}
 	kind := kindLabel(rt)
+	if !fromPeer && rt.Kind == oci.KindBlob && r.Method == http.MethodGet {
+		// containerd may be writing what this request brings into its
+		// ingest: peers in a herd may be sent here for it meanwhile.
+		defer n.receivingNow.add(rt.Digest)()
+	}
 	src, err := n.serveFrom(w, r, rt, n.policies[kindOf(rt, fromPeer)])
 	if err != nil && src == "" {
 		src = sourceMiss

@@ -15,17 +15,20 @@ type metrics struct {
 	peerErrors prometheus.Counter
 	keys       prometheus.Gauge
 	striped    prometheus.Counter
+	// inflightBytes counts bytes served to peers from transfers still in
+	// progress (herd.go).
+	inflightBytes prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_node_requests_total",
-			Help: "Registry requests served by the node, by source (local, peer, cache, miss) and kind (manifest, blob).",
+			Help: "Registry requests served by the node, by source (local, peer, cache, inflight: to a peer from a blob still arriving, miss) and kind (manifest, blob).",
 		}, []string{"source", "kind"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "shoal_node_served_bytes_total",
-			Help: "Body bytes served by the node, by source (local, peer, cache).",
+			Help: "Body bytes served by the node, by source (local, peer, cache, receiver: a node still receiving the blob).",
 		}, []string{"source"}),
 		lookup: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "shoal_node_peer_lookup_duration_seconds",
@@ -56,6 +59,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_node_striped_transfers_total",
 			Help: "Blob transfers fetched from several peers at once as parallel ranges (blobs of at least --stripe-min-size).",
 		}),
+		inflightBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_node_inflight_served_bytes_total",
+			Help: "Bytes served to peers from blobs this node's containerd was still receiving (a herd: many nodes pulling one image at once).",
+		}),
 		keys: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "shoal_node_advertised_keys",
 			Help: "Digests and tags this node advertises to its peers.",
@@ -70,7 +77,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.bytes.WithLabelValues(src)
 		}
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.closed, m.peerErrors, m.keys, m.striped} {
+	m.requests.WithLabelValues(sourceInflight, "blob")
+	m.bytes.WithLabelValues(sourceReceiver)
+	for _, c := range []prometheus.Collector{m.requests, m.bytes, m.lookup, m.hedges, m.resumes, m.aborts, m.closed, m.peerErrors, m.keys, m.striped, m.inflightBytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -41,6 +41,11 @@ type target struct {
 	base   string
 	client *http.Client
 	peer   *routing.Peer // nil for the cache tier
+	// receiving marks a peer the cache tier named as receiving the blob
+	// (a herd): it has a prefix, so it is never striped across.
+	receiving bool
+	// direct asks the cache tier to serve, not to redirect to receivers.
+	direct bool
 }
 
 // attempt is a response in hand from one target, plus the bookkeeping to
@@ -245,6 +250,11 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 	if t.peer != nil {
 		req.Header.Set(PeerHeader, "1")
 		n.cfg.PeerKey.Sign(req, time.Now())
+	} else if id := n.herdID(); id != "" && rt.Kind == oci.KindBlob && method == http.MethodGet {
+		req.Header.Set(oci.HerdPeerHeader, id)
+		if t.direct {
+			req.Header.Set(oci.HerdDirectHeader, "1")
+		}
 	}
 	if rng != "" && rt.Kind == oci.KindBlob {
 		req.Header.Set("Range", rng)
@@ -301,7 +311,7 @@ func errorFromResponse(resp *http.Response) *oci.Error {
 	if b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10)); err == nil && json.Unmarshal(b, &env) == nil && len(env.Errors) > 0 {
 		oe.Code, oe.Message = env.Errors[0].Code, env.Errors[0].Message
 	}
-	for _, h := range []string{"Retry-After", "Content-Range", "Warning"} {
+	for _, h := range []string{"Retry-After", "Content-Range", "Warning", oci.HerdReceiversHeader} {
 		if v := resp.Header.Get(h); v != "" {
 			if oe.Header == nil {
 				oe.Header = http.Header{}
@@ -450,7 +460,7 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		w.WriteHeader(status)
 		return nil
 	}
-	if t.peer != nil && n.shouldStripe(r, s, rest) {
+	if t.peer != nil && !t.receiving && n.shouldStripe(r, s, rest) {
 		return n.relayStriped(w, r, rt, t, rest, resume, a, s, status, label)
 	}
 	w.WriteHeader(status)

@@ -54,7 +54,8 @@ func kindOf(rt oci.Route, fromPeer bool) requestKind {
 
 // policyFor returns the sources a kind of request tries, in order.
 //
-//   - A peer's request: this node's store only, never a relay onward.
+//   - A peer's request: this node's store, or the blob as its containerd
+//     is receiving it (herd.go); never a relay onward.
 //   - A digest: the store, then the peers that hold it (several at once for
 //     a large blob; a transfer broken mid-stream resumes on the others, then
 //     on the cache tier), then the cache tier.
@@ -69,7 +70,7 @@ func (n *Node) policyFor(k requestKind) []step {
 	var steps []step
 	switch k {
 	case fromPeerRequest:
-		return []step{local}
+		return []step{local, {src: inflightSource{n}}}
 	case tagRequest:
 		if cacheTier {
 			steps = append(steps, step{src: cacheSource{n}, soft: func(err error) bool { return !authoritative(err) }})
@@ -183,6 +184,9 @@ func (cacheSource) name() string { return sourceCache }
 
 func (s cacheSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Route) error {
 	err := s.n.relay(w, r, rt, s.n.cacheTargets(), nil, sourceCache)
+	if ids := receiversOf(err); ids != nil {
+		err = s.n.relayReceivers(w, r, rt, ids)
+	}
 	if errors.Is(err, errNoSource) {
 		return unknown(rt)
 	}

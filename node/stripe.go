@@ -41,7 +41,7 @@ func (n *Node) shouldStripe(r *http.Request, s span, rest []target) bool {
 		return false
 	}
 	for _, t := range rest {
-		if t.peer != nil {
+		if t.peer != nil && !t.receiving {
 			return true
 		}
 	}
@@ -180,7 +180,7 @@ func (n *Node) relayStriped(w http.ResponseWriter, r *http.Request, rt oci.Route
 	chunk := n.cfg.StripeChunk
 	sources := []target{t}
 	for _, x := range rest {
-		if x.peer != nil && len(sources) < n.cfg.StripeMaxPeers {
+		if x.peer != nil && !x.receiving && len(sources) < n.cfg.StripeMaxPeers {
 			sources = append(sources, x)
 		}
 	}

@@ -413,6 +413,23 @@ func (r *Router) Close() error {
 // ID returns this node's libp2p peer ID.
 func (r *Router) ID() string { return r.host.ID().String() }
 
+// Peer returns the peer with ID id as a relay target, dialling it (within
+// the dial timeout) when this node is not connected to it. The cache tier
+// names peers by ID when it sends a node to others receiving a blob.
+func (r *Router) Peer(ctx context.Context, id string) (routing.Peer, error) {
+	pid, err := peer.Decode(id)
+	if err != nil {
+		return routing.Peer{}, fmt.Errorf("peer %q: %w", id, err)
+	}
+	if pid == r.host.ID() {
+		return routing.Peer{}, errors.New("peer is this node")
+	}
+	if r.live.isDead(pid) {
+		return routing.Peer{}, fmt.Errorf("peer %s was unreachable moments ago", pid)
+	}
+	return r.reachable(ctx, pid)
+}
+
 // Addrs returns the multiaddrs this node listens on, each ending in
 // /p2p/<ID>, usable as another node's BootstrapPeers entry.
 func (r *Router) Addrs() []string {

@@ -1,0 +1,274 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/shoal-oci/shoal/node/routing"
+	"github.com/shoal-oci/shoal/node/store"
+	"github.com/shoal-oci/shoal/oci"
+)
+
+// Herds: many nodes asking for one blob at once (a scale-out). The cache
+// tier serves the first few and sends the others to nodes that are
+// receiving the blob (oci/herd.go). Such a node serves a peer the blob from
+// containerd's ingest, the file containerd writes the bytes into as they
+// arrive, following it as it grows: the bytes it serves are the ones its
+// containerd received, in order, and containerd keeps them, not shoal. The
+// requester's containerd verifies the digest of the whole blob, as it does
+// for every source.
+
+// Metric label values of herd transfers.
+const (
+	// sourceReceiver labels bytes relayed from a node still receiving them.
+	sourceReceiver = "receiver"
+	// sourceInflight labels peer requests this node served from a
+	// transfer in progress (containerd's ingest).
+	sourceInflight = "inflight"
+)
+
+// ingestOpener is what a Store may also do: open a blob that containerd is
+// still receiving. The containerd store implements it.
+type ingestOpener interface {
+	// OpenIngest opens the file containerd writes d into as it arrives
+	// and returns the blob's size as containerd was told it (0: unknown).
+	// It returns store.ErrNotFound when containerd is not receiving d.
+	OpenIngest(ctx context.Context, d digest.Digest) (*os.File, int64, error)
+}
+
+// herdRouter is what a Router may also do for herds: name this node, and
+// find a peer by the ID the cache tier gave.
+type herdRouter interface {
+	ID() string
+	Peer(ctx context.Context, id string) (routing.Peer, error)
+}
+
+// receiving counts this node's containerd's requests in progress per blob:
+// while there is one, containerd may be writing the blob into its ingest.
+type receiving struct {
+	mu sync.Mutex
+	n  map[digest.Digest]int
+}
+
+func (rc *receiving) add(d digest.Digest) func() {
+	rc.mu.Lock()
+	if rc.n == nil {
+		rc.n = map[digest.Digest]int{}
+	}
+	rc.n[d]++
+	rc.mu.Unlock()
+	return func() {
+		rc.mu.Lock()
+		if rc.n[d]--; rc.n[d] <= 0 {
+			delete(rc.n, d)
+		}
+		rc.mu.Unlock()
+	}
+}
+
+func (rc *receiving) has(d digest.Digest) bool {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return rc.n[d] > 0
+}
+
+// herdID is this node's peer ID for the herd protocol, "" when it cannot
+// take part (no DHT router).
+func (n *Node) herdID() string {
+	if hr, ok := n.cfg.Router.(herdRouter); ok {
+		return hr.ID()
+	}
+	return ""
+}
+
+// inflightSource serves a peer a blob this node's containerd is still
+// receiving.
+type inflightSource struct{ n *Node }
+
+func (inflightSource) name() string { return sourceInflight }
+
+// ingestWait bounds how long a peer's request waits for containerd to open
+// the ingest of a blob this node has asked for: the cache tier may send a
+// peer here a moment before this node's own answer starts.
+const ingestWait = 2 * time.Second
+
+// ingestPoll is how often a followed ingest is checked for new bytes.
+const ingestPoll = 5 * time.Millisecond
+
+func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Route) error {
+	n := s.n
+	opener, ok := n.cfg.Store.(ingestOpener)
+	if !ok || rt.Kind != oci.KindBlob || !n.receivingNow.has(rt.Digest) {
+		return errNoSource
+	}
+	ctx := r.Context()
+	var (
+		f     *os.File
+		total int64
+		err   error
+	)
+	deadline := time.Now().Add(ingestWait)
+	for {
+		f, total, err = opener.OpenIngest(ctx, rt.Digest)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, store.ErrNotFound) {
+			n.cfg.Logger.WarnContext(ctx, "open ingest", "digest", rt.Digest, "err", err)
+			return errNoSource
+		}
+		// Committed meanwhile: the local store has it now.
+		if desc, serr := n.cfg.Store.Stat(ctx, rt.Digest); serr == nil {
+			return n.serveLocal(w, r, rt, desc)
+		}
+		if time.Now().After(deadline) || !n.receivingNow.has(rt.Digest) {
+			return errNoSource
+		}
+		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+			return errNoSource
+		}
+	}
+	defer f.Close()
+	if total <= 0 {
+		return errNoSource // a size is needed for Content-Length
+	}
+	return n.serveIngest(w, r, rt, f, total)
+}
+
+// serveIngest serves f, a blob of total bytes that containerd is writing,
+// from the range asked for, waiting for each byte to be written. A file
+// that stops growing for IdleTimeout, or shrinks (containerd started over),
+// aborts the response: the requester resumes elsewhere.
+func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route, f *os.File, total int64) error {
+	ctx := r.Context()
+	br, ranged, err := oci.ParseRange(r.Header.Get("Range"), total)
+	if err != nil {
+		return err
+	}
+	start, length := int64(0), total
+	if ranged {
+		start, length = br.Start, br.Length()
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", rt.Digest.String())
+	h.Set("Etag", `"`+rt.Digest.String()+`"`)
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Content-Length", strconv.FormatInt(length, 10))
+	status := http.StatusOK
+	if ranged {
+		status = http.StatusPartialContent
+		h.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start, start+length-1, total))
+	}
+	w.WriteHeader(status)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	pos, end := start, start+length
+	grew := time.Now()
+	tick := time.NewTicker(ingestPoll)
+	defer tick.Stop()
+	for pos < end {
+		fi, err := f.Stat()
+		if err != nil {
+			n.abort(ctx, rt, sourceInflight, fmt.Errorf("stat ingest: %w", err))
+		}
+		size := min(fi.Size(), end)
+		switch {
+		case fi.Size() < pos:
+			n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd's ingest shrank to %d bytes, past %d served", fi.Size(), pos))
+		case size > pos:
+			k, err := io.Copy(w, io.NewSectionReader(f, pos, size-pos))
+			pos += k
+			n.metrics.inflightBytes.Add(float64(k))
+			if err != nil {
+				return fmt.Errorf("%w: %w: %v", errAborted, errClientGone, err)
+			}
+			grew = time.Now()
+			continue
+		case time.Since(grew) > n.cfg.IdleTimeout:
+			n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd's ingest stopped at %d of %d bytes for %s", pos, total, n.cfg.IdleTimeout))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %w", errAborted, errClientGone)
+		case <-tick.C:
+		}
+	}
+	return nil
+}
+
+// receiversOf returns the peer IDs of a cache tier's herd redirect, or nil
+// when err is none.
+func receiversOf(err error) []string {
+	var oe *oci.Error
+	if !errors.As(err, &oe) || oe.Status != oci.HerdRedirectStatus || oe.Header == nil {
+		return nil
+	}
+	var ids []string
+	for _, id := range strings.Split(oe.Header.Get(oci.HerdReceiversHeader), ",") {
+		if id = strings.TrimSpace(id); oci.ValidPeerID(id) && len(ids) < 8 {
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// relayReceivers serves rt from the nodes the cache tier named as receiving
+// it, nearest the source first, and from the cache tier itself (asked to
+// serve, not redirect) when none of them can: before the first byte, or to
+// resume after a receiver broke mid-stream.
+func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Route, ids []string) error {
+	direct := []target{{base: n.cfg.CacheURL, client: n.cache, direct: true}}
+	hr, _ := n.cfg.Router.(herdRouter)
+	var targets []target
+	if hr != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), n.cfg.LookupTimeout)
+		peers := make([]*routing.Peer, len(ids))
+		var wg sync.WaitGroup
+		for i, id := range ids {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if p, err := hr.Peer(ctx, id); err == nil {
+					peers[i] = &p
+				}
+			}()
+		}
+		wg.Wait()
+		cancel()
+		for _, p := range peers {
+			if p != nil {
+				targets = append(targets, target{base: p.Addr, client: n.peers, peer: p, receiving: true})
+			}
+		}
+	}
+	err := n.relay(w, r, rt, targets, direct, sourceReceiver)
+	if errors.Is(err, errNoSource) {
+		n.cfg.Logger.InfoContext(r.Context(), "no receiver could serve, asking the cache tier to", "digest", rt.Digest, "receivers", len(ids), "reachable", len(targets))
+		err = n.relay(w, r, rt, direct, nil, sourceCache)
+	}
+	return err
+}
+
+// sleepCtx waits d, or until ctx ends (its error).
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
