@@ -53,7 +53,7 @@ func runCache(args []string, stderr io.Writer) error {
 		tokenFile                  = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
 		upTimeout                  = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
 		upIdle                     = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
-		herdDirect                 = f.Int("herd-direct", 2, "when many nodes ask for one blob at once (a scale-out), serve this many of them and send the rest to the nodes already receiving it, so the cache tier sends this many copies, not one per node; 0 serves every node")
+		herdDirect                 = f.Int("herd-direct", 1, "when many nodes ask for one blob at once (a scale-out), serve this many of them and chain the rest behind the nodes already receiving it, so the cache tier sends this many copies, not one per node; each chain shares the cache tier's uplink; 0 serves every node")
 		grace, logLevel, pprofAddr = f.daemonFlags()
 		upstreams                  listFlag
 		storageOpts                listFlag

@@ -17,6 +17,8 @@ import (
 
 	"github.com/shoal-oci/shoal/cache"
 	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/cache/herd"
+	"github.com/shoal-oci/shoal/oci"
 	"github.com/shoal-oci/shoal/test/hub"
 	"github.com/shoal-oci/shoal/upstream"
 	"github.com/shoal-oci/shoal/upstream/budget"
@@ -337,5 +339,45 @@ func TestHeadOfMovedTagWhenBudgetIsSpentPointsAtCachedContent(t *testing.T) {
 	resp, body := f.get(t, "GET", "/v2/library/cached/manifests/"+cached.String())
 	if resp.StatusCode != 200 || digest.FromBytes(body) != cached {
 		t.Fatalf("GET by the digest HEAD gave: %d", resp.StatusCode)
+	}
+}
+
+// TestHerdRedirects: with a herd tracker, the first node that asks for a
+// blob is served; the next is told to ask the first (409 with its peer ID);
+// the same node asking again with Shoal-Herd-Direct is served; a client
+// without the header, or a resume (a range past the start), is always
+// served; a malformed peer ID is a 400.
+func TestHerdRedirects(t *testing.T) {
+	tr, err := herd.New(herd.Config{Direct: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFixture(t, nil, func(c *cache.Config) { c.Herd = tr })
+	img := hub.Image(t, 200_000, 1)
+	f.hub.Push(t, "library/app", "v1", img)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	path := "/v2/library/app/blobs/" + ld.String()
+
+	resp, body := f.get(t, "GET", path, oci.HerdPeerHeader, "QmFirst")
+	if resp.StatusCode != 200 || len(body) == 0 {
+		t.Fatalf("first node: %d", resp.StatusCode)
+	}
+	resp, body = f.get(t, "GET", path, oci.HerdPeerHeader, "QmSecond")
+	if resp.StatusCode != oci.HerdRedirectStatus || resp.Header.Get(oci.HerdReceiversHeader) != "QmFirst" || errCode(body) != string(oci.CodeUnavailable) {
+		t.Fatalf("second node: %d %q %s", resp.StatusCode, resp.Header.Get(oci.HerdReceiversHeader), body)
+	}
+	for _, hdr := range [][]string{
+		{oci.HerdPeerHeader, "QmSecond", oci.HerdDirectHeader, "1"},
+		{oci.HerdPeerHeader, "QmThird", "Range", "bytes=10-"},
+		{},
+	} {
+		if resp, _ = f.get(t, "GET", path, hdr...); resp.StatusCode != 200 && resp.StatusCode != 206 {
+			t.Fatalf("%v: %d, want served", hdr, resp.StatusCode)
+		}
+	}
+	resp, body = f.get(t, "GET", path, oci.HerdPeerHeader, "not/an id")
+	if resp.StatusCode != 400 || errCode(body) != string(oci.CodeUnsupported) {
+		t.Fatalf("bad peer ID: %d %s", resp.StatusCode, body)
 	}
 }

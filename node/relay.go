@@ -140,7 +140,14 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 		}()
 	}
 	launch()
-	timer := time.NewTimer(n.cfg.HedgeDelay)
+	delay := n.cfg.HedgeDelay
+	if targets[0].receiving {
+		// Nodes receiving a blob are a chain, each serving the one behind
+		// it: asking the next one ahead too would make it serve two, at
+		// half the rate each. The next is asked only when one fails.
+		delay = n.cfg.IdleTimeout
+	}
+	timer := time.NewTimer(delay)
 	defer timer.Stop()
 	var firstErr, rangeErr error
 	for pending > 0 {
@@ -149,7 +156,7 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 			if next < len(targets) {
 				n.metrics.hedges.Inc()
 				launch()
-				timer.Reset(n.cfg.HedgeDelay)
+				timer.Reset(delay)
 			}
 		case res := <-results:
 			pending--
@@ -204,7 +211,7 @@ func (n *Node) hedge(ctx context.Context, method string, rt oci.Route, targets [
 			}
 			if next < len(targets) {
 				launch()
-				timer.Reset(n.cfg.HedgeDelay)
+				timer.Reset(delay)
 			}
 		}
 	}

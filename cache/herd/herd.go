@@ -19,7 +19,9 @@ import (
 // Config configures a Tracker.
 type Config struct {
 	// Direct is how many nodes of a herd the cache tier serves itself.
-	// Default 2.
+	// Default 1: one chain, every uplink (the cache tier's too) carrying
+	// one copy at its full rate. Two chains share the cache tier's uplink
+	// and run at half the rate each.
 	Direct int
 	// Linger is how long a herd is kept after its last join and its last
 	// direct stream. Default 1m.
@@ -41,7 +43,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if c.Direct <= 0 {
-		c.Direct = 2
+		c.Direct = 1
 	}
 	if c.Linger <= 0 {
 		c.Linger = time.Minute

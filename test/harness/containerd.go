@@ -53,6 +53,8 @@ type Containerd struct {
 	logPath string
 	// downloads and chunk configure chunked layer fetch (v2); 0: off.
 	downloads, chunk int
+	// netns runs containerd in this network namespace ("": the test's).
+	netns string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -72,6 +74,14 @@ func StartContainerd(t testing.TB, v ContainerdVersion) *Containerd {
 func StartContainerdChunked(t testing.TB, downloads, chunk int) *Containerd {
 	t.Helper()
 	return startContainerd(t, &Containerd{Version: ContainerdV2, downloads: downloads, chunk: chunk})
+}
+
+// StartContainerdNetNS starts a containerd 2 inside network namespace ns,
+// so its pulls reach a node in the same namespace over the namespace's own
+// loopback, beside the node's shaped uplink.
+func StartContainerdNetNS(t testing.TB, ns string) *Containerd {
+	t.Helper()
+	return startContainerd(t, &Containerd{Version: ContainerdV2, netns: ns})
 }
 
 func startContainerd(t testing.TB, c *Containerd) *Containerd {
@@ -149,6 +159,9 @@ func (c *Containerd) start(t testing.TB) {
 		t.Fatalf("containerd log: %v", err)
 	}
 	cmd := exec.Command(c.Bin, "--config", c.ConfigPath)
+	if c.netns != "" {
+		cmd = exec.Command("ip", "netns", "exec", c.netns, c.Bin, "--config", c.ConfigPath)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -227,11 +240,20 @@ func (c *Containerd) Ctr(t testing.TB, args ...string) string {
 // CtrErr runs ctr like Ctr and returns its standard output, or an error that
 // carries its standard error.
 func (c *Containerd) CtrErr(args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	limit := 60 * time.Second
+	if c.netns != "" {
+		limit = 10 * time.Minute // benchmarks on shaped links pull large images
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	full := append([]string{"-a", c.Socket, "-n", ContainerdNamespace}, args...)
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, c.CtrBin, full...)
+	if c.netns != "" {
+		// ctr fetches in its own process: it must sit beside containerd,
+		// not send the node's uplink its downloads.
+		cmd = exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", c.netns, c.CtrBin}, full...)...)
+	}
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		return stdout.String(), fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))

@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -220,6 +222,9 @@ type CacheOptions struct {
 	// NoAdvertise leaves out --advertise-url (by default each replica
 	// advertises its own URL, as the chart's do).
 	NoAdvertise bool
+	// ListenIP is the address the registry port listens on; default
+	// 127.0.0.1.
+	ListenIP string
 }
 
 // ShoalCache is a running `shoal cache` process owned by one test.
@@ -243,7 +248,10 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 	if o.DataDir == "" {
 		o.DataDir = filepath.Join(dir, "data")
 	}
-	c := &ShoalCache{Proc: newProc(t, "cache", o.Name, dir), Addr: fmt.Sprintf("127.0.0.1:%d", FreePort(t)), DataDir: o.DataDir}
+	if o.ListenIP == "" {
+		o.ListenIP = "127.0.0.1"
+	}
+	c := &ShoalCache{Proc: newProc(t, "cache", o.Name, dir), Addr: net.JoinHostPort(o.ListenIP, strconv.Itoa(FreePort(t))), DataDir: o.DataDir}
 	args := []string{"cache",
 		"--addr", c.Addr,
 		"--metrics-addr", c.MetricsAddr,
@@ -261,5 +269,5 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 	return c
 }
 
-// URL is the cache's base URL, http://127.0.0.1:P.
+// URL is the cache's base URL, http://127.0.0.1:P (or ListenIP:P).
 func (c *ShoalCache) URL() string { return "http://" + c.Addr }

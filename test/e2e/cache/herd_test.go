@@ -90,9 +90,9 @@ func layerBytes(want content, manifest digest.Digest) float64 {
 }
 
 // TestHerdScaleOut: six nodes start one image at the same moment through
-// one cache tier (--herd-direct 2). The hub sees one counted pull and each
-// blob once; the cache tier sends at most two copies of the image, not
-// six; the other nodes get it from nodes still receiving it; every node's
+// one cache tier (--herd-direct 2, two chains). The hub sees one counted
+// pull and each blob once; the cache tier sends at most two copies of the
+// image, not six; the other nodes get it from nodes still receiving it; every node's
 // containerd holds identical bytes.
 func TestHerdScaleOut(t *testing.T) {
 	harness.RequireRoot(t)
@@ -101,7 +101,7 @@ func TestHerdScaleOut(t *testing.T) {
 	img := harness.RandomImage(t, 1, 24<<20)
 	md := h.Push(t, "library/herd", "v1", img)
 	want := imageContent(t, img)
-	c := startCache(t, h, cacheOpts{})
+	c := startCache(t, h, cacheOpts{args: []string{"--herd-direct", "2"}})
 	sites := herdSites(t, bin, h, c, 6)
 	// 24 MiB at 16 MiB/s: the first nodes are still receiving when the
 	// last ones ask.

@@ -1,0 +1,193 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/shoal-oci/shoal/node/store"
+	"github.com/shoal-oci/shoal/oci"
+)
+
+// ingestStore is a memStore whose containerd is "receiving" one blob into a
+// file the test grows.
+type ingestStore struct {
+	*memStore
+	d     digest.Digest
+	path  string
+	total int64
+}
+
+func (s *ingestStore) OpenIngest(_ context.Context, d digest.Digest) (*os.File, int64, error) {
+	if d != s.d {
+		return nil, 0, store.ErrNotFound
+	}
+	f, err := os.Open(s.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, 0, store.ErrNotFound
+	}
+	return f, s.total, err
+}
+
+func newIngestNode(t *testing.T, blob []byte) (*Node, *ingestStore, *os.File, *httptest.Server) {
+	t.Helper()
+	st := &ingestStore{memStore: newMemStore(), d: digest.FromBytes(blob), path: filepath.Join(t.TempDir(), "data"), total: int64(len(blob))}
+	f, err := os.Create(st.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	n, err := New(Config{Store: st, IdleTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(n.PeerHandler())
+	t.Cleanup(srv.Close)
+	return n, st, f, srv
+}
+
+// waitInflight polls until n has served at least want bytes in flight.
+func waitInflight(t *testing.T, n *Node, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for testutil.ToFloat64(n.metrics.inflightBytes) < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("served %v bytes in flight, want %v", testutil.ToFloat64(n.metrics.inflightBytes), want)
+		}
+		time.Sleep(5 * time.Millisecond) // poll interval
+	}
+}
+
+// TestInflightFollowsTheIngest: a peer asking for a blob this node's
+// containerd is still receiving gets the whole blob as it is written, with
+// the blob's Content-Length up front; a Range gets its part.
+func TestInflightFollowsTheIngest(t *testing.T) {
+	blob := randomBytes(t, 1<<20)
+	n, st, f, srv := newIngestNode(t, blob)
+	url := fmt.Sprintf("%s/v2/library/x/blobs/%s", srv.URL, st.d)
+
+	resp, _ := get(t, http.MethodGet, url)
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("blob not being received: status %d, want 404", resp.StatusCode)
+	}
+
+	done := n.receivingNow.add(st.d)
+	defer done()
+	type answer struct {
+		resp *http.Response
+		body []byte
+		err  error
+	}
+	got := make(chan answer, 1)
+	go func() {
+		resp, err := http.Get(url)
+		if err != nil {
+			got <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		got <- answer{resp: resp, body: b, err: err}
+	}()
+	// Write the blob in three pieces, each after the last was served.
+	cuts := []int{0, 300_000, 700_000, len(blob)}
+	for i := 1; i < len(cuts); i++ {
+		if _, err := f.Write(blob[cuts[i-1]:cuts[i]]); err != nil {
+			t.Fatal(err)
+		}
+		waitInflight(t, n, float64(cuts[i]))
+	}
+	a := <-got
+	if a.err != nil {
+		t.Fatal(a.err)
+	}
+	if a.resp.StatusCode != http.StatusOK || a.resp.ContentLength != int64(len(blob)) || !slices.Equal(a.body, blob) {
+		t.Fatalf("status %d, Content-Length %d, %d bytes (equal: %v); want 200 and the %d-byte blob",
+			a.resp.StatusCode, a.resp.ContentLength, len(a.body), slices.Equal(a.body, blob), len(blob))
+	}
+
+	resp, body := get(t, http.MethodGet, url, "Range", "bytes=1000-")
+	if resp.StatusCode != http.StatusPartialContent || !slices.Equal(body, blob[1000:]) ||
+		resp.Header.Get("Content-Range") != fmt.Sprintf("bytes 1000-%d/%d", len(blob)-1, len(blob)) {
+		t.Fatalf("range: status %d, Content-Range %q, %d bytes", resp.StatusCode, resp.Header.Get("Content-Range"), len(body))
+	}
+}
+
+// TestInflightAbortsWhenTheIngestShrinksOrStalls: containerd starting the
+// blob over, or no longer writing, cuts the response short: the peer sees
+// a broken body, never a complete-looking one.
+func TestInflightAbortsWhenTheIngestShrinksOrStalls(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault func(f *os.File) error
+	}{
+		{"shrinks", func(f *os.File) error { return f.Truncate(10) }},
+		{"stalls", func(*os.File) error { return nil }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			blob := randomBytes(t, 200_000)
+			n, st, f, srv := newIngestNode(t, blob)
+			defer n.receivingNow.add(st.d)()
+			if _, err := f.Write(blob[:100_000]); err != nil {
+				t.Fatal(err)
+			}
+			got := make(chan error, 1)
+			go func() {
+				resp, err := http.Get(fmt.Sprintf("%s/v2/library/x/blobs/%s", srv.URL, st.d))
+				if err != nil {
+					got <- err
+					return
+				}
+				defer resp.Body.Close()
+				b, err := io.ReadAll(resp.Body)
+				if err == nil {
+					err = fmt.Errorf("read the whole body: %d bytes", len(b))
+				}
+				got <- err
+			}()
+			waitInflight(t, n, 100_000)
+			if err := tc.fault(f); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-got:
+				if !errors.Is(err, io.ErrUnexpectedEOF) {
+					t.Fatalf("body read ended with %v, want an unexpected EOF", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the response did not end")
+			}
+		})
+	}
+}
+
+// TestReceiversOf: only a herd redirect yields receivers, and only valid
+// peer IDs, at most 8.
+func TestReceiversOf(t *testing.T) {
+	redirect := func(v string) error {
+		e := oci.Errorf(oci.HerdRedirectStatus, oci.CodeUnavailable, "x")
+		e.Header = http.Header{}
+		e.Header.Set(oci.HerdReceiversHeader, v)
+		return e
+	}
+	if ids := receiversOf(redirect("QmA, 12D3KooWB ,bad/id,,QmC")); !slices.Equal(ids, []string{"QmA", "12D3KooWB", "QmC"}) {
+		t.Fatalf("receivers %v", ids)
+	}
+	if ids := receiversOf(redirect("a,b,c,d,e,f,g,h,i,j")); len(ids) != 8 {
+		t.Fatalf("%d receivers, want 8 at most", len(ids))
+	}
+	if ids := receiversOf(oci.ErrBlobUnknown); ids != nil {
+		t.Fatalf("a 404 gave receivers %v", ids)
+	}
+}
