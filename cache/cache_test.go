@@ -344,9 +344,10 @@ func TestHeadOfMovedTagWhenBudgetIsSpentPointsAtCachedContent(t *testing.T) {
 
 // TestHerdRedirects: with a herd tracker, the first node that asks for a
 // blob is served; the next is told to ask the first (409 with its peer ID);
-// the same node asking again with Shoal-Herd-Direct is served; a client
-// without the header, or a resume (a range past the start), is always
-// served; a malformed peer ID is a 400.
+// the same node asking again with Shoal-Herd-Direct is served, and a
+// client without the header always is; a range (a chunk of containerd's
+// chunked fetch) is chained like the whole blob; a malformed peer ID is a
+// 400.
 func TestHerdRedirects(t *testing.T) {
 	tr, err := herd.New(herd.Config{Direct: 1})
 	if err != nil {
@@ -367,9 +368,12 @@ func TestHerdRedirects(t *testing.T) {
 	if resp.StatusCode != oci.HerdRedirectStatus || resp.Header.Get(oci.HerdReceiversHeader) != "QmFirst" || errCode(body) != string(oci.CodeUnavailable) {
 		t.Fatalf("second node: %d %q %s", resp.StatusCode, resp.Header.Get(oci.HerdReceiversHeader), body)
 	}
+	resp, _ = f.get(t, "GET", path, oci.HerdPeerHeader, "QmThird", "Range", "bytes=10-")
+	if resp.StatusCode != oci.HerdRedirectStatus || resp.Header.Get(oci.HerdReceiversHeader) != "QmSecond,QmFirst" {
+		t.Fatalf("third node, a chunk: %d %q; want chained behind QmSecond", resp.StatusCode, resp.Header.Get(oci.HerdReceiversHeader))
+	}
 	for _, hdr := range [][]string{
 		{oci.HerdPeerHeader, "QmSecond", oci.HerdDirectHeader, "1"},
-		{oci.HerdPeerHeader, "QmThird", "Range", "bytes=10-"},
 		{},
 	} {
 		if resp, _ = f.get(t, "GET", path, hdr...); resp.StatusCode != 200 && resp.StatusCode != 206 {

@@ -379,10 +379,10 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 		if !oci.ValidPeerID(node) {
 			return "", oci.Errorf(http.StatusBadRequest, oci.CodeUnsupported, "%s is not a peer ID", oci.HerdPeerHeader)
 		}
-		// A range past the start is a resume: the node has the beginning
-		// already, and a chain behind it would wait on its own bytes.
-		br, ranged, _ := oci.ParseRange(r.Header.Get("Range"), 1<<62)
-		force := r.Header.Get(oci.HerdDirectHeader) != "" || ranged && br.Start > 0
+		// A node resuming a transfer asks with HerdDirectHeader. A range
+		// without it is a chunk of containerd's chunked fetch, which the
+		// node's receivers serve as well as the whole blob.
+		force := r.Header.Get(oci.HerdDirectHeader) != ""
 		receivers, done := c.cfg.Herd.Join(q.Digest.String(), node, force)
 		if len(receivers) > 0 {
 			w.Header().Set(oci.HerdReceiversHeader, strings.Join(receivers, ","))

@@ -280,8 +280,10 @@ func (n *Node) relayPeers(w http.ResponseWriter, r *http.Request, rt oci.Route, 
 		p := peers[i]
 		targets[i] = target{base: p.Addr, client: n.peers, peer: &p}
 	}
-	// A blob broken mid-stream resumes on the other peers, then on the cache tier.
-	return n.relay(w, r, rt, targets, n.cacheTargets(), sourcePeer)
+	// A blob broken mid-stream resumes on the other peers, then on the
+	// cache tier, which is asked to serve the rest itself: a node resuming
+	// has the start already, and no chain of a herd may hold it up.
+	return n.relay(w, r, rt, targets, n.directCacheTargets(), sourcePeer)
 }
 
 // morePeers looks rt's blob up again before a resume and adds holders that
@@ -338,6 +340,16 @@ func (n *Node) cacheTargets() []target {
 		return nil
 	}
 	return []target{{base: n.cfg.CacheURL, client: n.cache}}
+}
+
+// directCacheTargets is the cache tier asked to serve, never to send this
+// node to the nodes receiving the blob (oci/herd.go), or none.
+func (n *Node) directCacheTargets() []target {
+	ts := n.cacheTargets()
+	for i := range ts {
+		ts[i].direct = true
+	}
+	return ts
 }
 
 func contentLength(resp *http.Response) (int64, error) {

@@ -55,10 +55,18 @@ type herdRouter interface {
 
 // receiving counts this node's containerd's requests in progress per blob:
 // while there is one, containerd may be writing the blob into its ingest.
+// It also remembers, for recentFor, the blobs whose last request ended
+// lately: containerd has committed them, but until the pull's last blob
+// it has written no image record that would let the local store serve
+// them, and a herd's followers may still ask.
 type receiving struct {
-	mu sync.Mutex
-	n  map[digest.Digest]int
+	mu    sync.Mutex
+	n     map[digest.Digest]int
+	ended map[digest.Digest]time.Time
 }
+
+// recentFor is how long after its last request a blob counts as received.
+const recentFor = 2 * time.Minute
 
 func (rc *receiving) add(d digest.Digest) func() {
 	rc.mu.Lock()
@@ -67,19 +75,50 @@ func (rc *receiving) add(d digest.Digest) func() {
 	}
 	rc.n[d]++
 	rc.mu.Unlock()
-	return func() {
-		rc.mu.Lock()
-		if rc.n[d]--; rc.n[d] <= 0 {
-			delete(rc.n, d)
-		}
-		rc.mu.Unlock()
-	}
+	var once sync.Once
+	return func() { once.Do(func() { rc.end(d) }) }
 }
 
-func (rc *receiving) has(d digest.Digest) bool {
+// end counts one of d's requests done.
+func (rc *receiving) end(d digest.Digest) {
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
-	return rc.n[d] > 0
+	if rc.n[d]--; rc.n[d] > 0 {
+		return
+	}
+	delete(rc.n, d)
+	now := time.Now()
+	if rc.ended == nil {
+		rc.ended = map[digest.Digest]time.Time{}
+	}
+	for k, t := range rc.ended {
+		if now.Sub(t) > recentFor {
+			delete(rc.ended, k)
+		}
+	}
+	rc.ended[d] = now
+}
+
+// has reports whether containerd is fetching d now, or was a moment ago.
+func (rc *receiving) has(d digest.Digest) bool {
+	active, recent := rc.state(d)
+	return active || recent
+}
+
+// active reports whether containerd is fetching d now.
+func (rc *receiving) active(d digest.Digest) bool {
+	active, _ := rc.state(d)
+	return active
+}
+
+func (rc *receiving) state(d digest.Digest) (active, recent bool) {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if rc.n[d] > 0 {
+		return true, false
+	}
+	t, ok := rc.ended[d]
+	return false, ok && time.Since(t) <= recentFor
 }
 
 // herdID is this node's peer ID for the herd protocol, "" when it cannot
@@ -102,13 +141,20 @@ func (inflightSource) name() string { return sourceInflight }
 // peer here a moment before this node's own answer starts.
 const ingestWait = 2 * time.Second
 
+// receiverResolveTimeout bounds finding the receivers the cache tier named.
+const receiverResolveTimeout = 5 * time.Second
+
 // ingestPoll is how often a followed ingest is checked for new bytes.
 const ingestPoll = 5 * time.Millisecond
 
 func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Route) error {
 	n := s.n
 	opener, ok := n.cfg.Store.(ingestOpener)
-	if !ok || rt.Kind != oci.KindBlob || !n.receivingNow.has(rt.Digest) {
+	if !ok || rt.Kind != oci.KindBlob {
+		return errNoSource
+	}
+	if !n.receivingNow.has(rt.Digest) {
+		n.cfg.Logger.DebugContext(r.Context(), "peer asked for a blob this node is not receiving", "digest", rt.Digest)
 		return errNoSource
 	}
 	ctx := r.Context()
@@ -131,7 +177,7 @@ func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Rou
 		if desc, serr := n.cfg.Store.Stat(ctx, rt.Digest); serr == nil {
 			return n.serveLocal(w, r, rt, desc)
 		}
-		if time.Now().After(deadline) || !n.receivingNow.has(rt.Digest) {
+		if time.Now().After(deadline) || !n.receivingNow.active(rt.Digest) {
 			return errNoSource
 		}
 		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
@@ -146,9 +192,10 @@ func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Rou
 }
 
 // serveIngest serves f, a blob of total bytes that containerd is writing,
-// from the range asked for, waiting for each byte to be written. A file
-// that stops growing for IdleTimeout, or shrinks (containerd started over),
-// aborts the response: the requester resumes elsewhere.
+// from the range asked for, waiting for each byte to be written, for as
+// long as this node is fetching the blob. A file that shrinks (containerd
+// started over), or stops growing for IdleTimeout once this node's fetch
+// has ended, aborts the response: the requester resumes elsewhere.
 func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route, f *os.File, total int64) error {
 	ctx := r.Context()
 	br, ranged, err := oci.ParseRange(r.Header.Get("Range"), total)
@@ -174,6 +221,11 @@ func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route,
 	if r.Method == http.MethodHead {
 		return nil
 	}
+	// Send the headers now: deep in a chain the first bytes take a while,
+	// and the peer should know it is being served.
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
+	}
 	pos, end := start, start+length
 	grew := time.Now()
 	tick := time.NewTicker(ingestPoll)
@@ -196,8 +248,13 @@ func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route,
 			}
 			grew = time.Now()
 			continue
+		case n.receivingNow.active(rt.Digest):
+			// This node is still fetching the blob: its own relay resumes
+			// elsewhere if its source stalls. Waiting on it here, rather
+			// than giving up, keeps a slow start from breaking a chain.
+			grew = time.Now()
 		case time.Since(grew) > n.cfg.IdleTimeout:
-			n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd's ingest stopped at %d of %d bytes for %s", pos, total, n.cfg.IdleTimeout))
+			n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd's ingest stopped at %d of %d bytes for %s after this node's fetch ended", pos, total, n.cfg.IdleTimeout))
 		}
 		select {
 		case <-ctx.Done():
@@ -229,20 +286,25 @@ func receiversOf(err error) []string {
 // serve, not redirect) when none of them can: before the first byte, or to
 // resume after a receiver broke mid-stream.
 func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Route, ids []string) error {
-	direct := []target{{base: n.cfg.CacheURL, client: n.cache, direct: true}}
+	direct := n.directCacheTargets()
 	hr, _ := n.cfg.Router.(herdRouter)
 	var targets []target
 	if hr != nil {
-		ctx, cancel := context.WithTimeout(r.Context(), n.cfg.LookupTimeout)
+		// Skipping the nearest receiver makes the next one ahead serve two
+		// nodes at half the rate each: give a dial and identify time.
+		ctx, cancel := context.WithTimeout(r.Context(), max(n.cfg.LookupTimeout, receiverResolveTimeout))
 		peers := make([]*routing.Peer, len(ids))
 		var wg sync.WaitGroup
 		for i, id := range ids {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if p, err := hr.Peer(ctx, id); err == nil {
-					peers[i] = &p
+				p, err := hr.Peer(ctx, id)
+				if err != nil {
+					n.cfg.Logger.InfoContext(r.Context(), "receiver not reachable", "digest", rt.Digest, "peer", id, "err", err)
+					return
 				}
+				peers[i] = &p
 			}()
 		}
 		wg.Wait()

@@ -95,7 +95,7 @@ func BenchmarkHerd(b *testing.B) {
 		s := &herdSite{name: fmt.Sprintf("h%02d", i)}
 		o := harness.NodeOptions{
 			Bin: nodeBin, Name: s.name, BootstrapPeers: boot, Registries: []string{h.Host()},
-			ProviderTTL: 30 * time.Minute, Args: []string{"--log-level", "warn", "--cache-url", cache.url},
+			ProviderTTL: 30 * time.Minute, Args: []string{"--log-level", envString("SHOAL_BENCH_HERD_LOG", "warn"), "--cache-url", cache.url},
 		}
 		if loopback {
 			s.ctrd = harness.StartContainerd(b, harness.ContainerdV2)
@@ -207,6 +207,20 @@ func BenchmarkHerd(b *testing.B) {
 			peers += metricOf(b, s.node.Proc, "shoal_node_served_bytes_total", `source="receiver"`)
 		}
 		r.peers = (peers - peers0) / image
+		// What went off the chain, from the nodes' logs (info level with
+		// SHOAL_BENCH_HERD_LOG=info): each is a node served by one further
+		// ahead, or by the cache tier.
+		for _, s := range members {
+			var seen []string
+			for _, msg := range []string{"receiver not reachable", "peer failed", "no receiver could serve", "source broke mid-stream", "relay aborted"} {
+				if k := strings.Count(s.node.Log(), msg); k > 0 {
+					seen = append(seen, fmt.Sprintf("%q x%d", msg, k))
+				}
+			}
+			if len(seen) > 0 {
+				logf("  %s %s (cumulative): %s", tag, s.name, strings.Join(seen, ", "))
+			}
+		}
 		c := h.Counts()
 		r.counted = c.ManifestGET
 		for _, d := range blobs {
@@ -251,9 +265,8 @@ func BenchmarkHerd(b *testing.B) {
 // shapeFair limits a device's egress to rate with HTB, small packets
 // (ACKs, requests: under 128 bytes) in a class of their own ahead of the
 // bulk, so a host that uploads at the link rate still acknowledges its
-// downloads at once. A real host's fq_codel does that; this kernel has no
-// fq_codel, and a plain tbf FIFO halved a node's download while it served
-// a peer. tc is the command that runs tc (in the device's namespace).
+// downloads at once, and a short queue under each class. A real host's
+// fq_codel does both; this kernel has no fq_codel. tc is the command that runs tc (in the device's namespace).
 func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
 	b.Helper()
 	var mbit float64
@@ -272,6 +285,10 @@ func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
 	tc("class", "add", "dev", d, "parent", "1:", "classid", "1:1", "htb", "rate", r(1), "ceil", r(1), "burst", "512kb", "quantum", "60000")
 	tc("class", "add", "dev", d, "parent", "1:1", "classid", "1:10", "htb", "rate", r(0.1), "ceil", r(1), "prio", "0", "quantum", "60000")
 	tc("class", "add", "dev", d, "parent", "1:1", "classid", "1:20", "htb", "rate", r(0.9), "ceil", r(1), "prio", "1", "quantum", "60000")
+	// A short queue, as an AQM keeps it: the default 1,000 packets are half
+	// a second at 24mbit, which each hop of a chain would add.
+	tc("qdisc", "add", "dev", d, "parent", "1:10", "pfifo", "limit", "64")
+	tc("qdisc", "add", "dev", d, "parent", "1:20", "pfifo", "limit", "64")
 	tc("filter", "add", "dev", d, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10")
 }
 

@@ -22,8 +22,11 @@ import (
 // containerd's content API has no reader for an ingest in progress, so this
 // reads the plugin's directory: ingest/<hash>/ holds "ref" (the namespaced
 // ref "<namespace>/<n>/<ref>"; pulls name a blob's ref after its digest,
-// e.g. "layer-sha256:..."), "data" and "total". It returns
-// store.ErrNotFound when there is no such ingest or no content directory.
+// e.g. "layer-sha256:..."), "data" and "total". When there is no ingest but
+// containerd has committed the blob, it opens the blob's file (which an
+// image record may not reference yet: containerd writes the record after
+// the last blob of a pull). It returns store.ErrNotFound when there is
+// neither, or no content directory.
 func (s *Store) OpenIngest(_ context.Context, d digest.Digest) (*os.File, int64, error) {
 	if s.contentDir == "" {
 		return nil, 0, store.ErrNotFound
@@ -66,7 +69,24 @@ func (s *Store) OpenIngest(_ context.Context, d digest.Digest) (*os.File, int64,
 		}
 	}
 	if best == nil {
-		return nil, 0, store.ErrNotFound
+		return s.openCommitted(d)
 	}
 	return best, bestTotal, nil
+}
+
+// openCommitted opens d's blob file in the content directory, with its size.
+func (s *Store) openCommitted(d digest.Digest) (*os.File, int64, error) {
+	if d.Validate() != nil {
+		return nil, 0, store.ErrNotFound
+	}
+	f, err := os.Open(filepath.Join(s.contentDir, "blobs", d.Algorithm().String(), d.Encoded()))
+	if err != nil {
+		return nil, 0, store.ErrNotFound
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("stat blob %s: %w", d, err)
+	}
+	return f, fi.Size(), nil
 }

@@ -13,9 +13,9 @@ import (
 	"github.com/shoal-oci/shoal/test/hub"
 )
 
-// herdSites starts n sites (containerd and shoal node) behind cache c,
+// startSites starts n sites (containerd and shoal node) behind cache c,
 // meshed, with hosts.toml pointing the hub's registry at each node.
-func herdSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*site {
+func startSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*site {
 	t.Helper()
 	var sites []*site
 	var routers []string
@@ -45,6 +45,23 @@ func herdSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*sit
 		return nil
 	})
 	return sites
+}
+
+// startHerd pushes a one-layer 24 MiB image to a fresh hub serving at
+// bandwidth bytes a second, and starts a cache tier (with cacheArgs) and
+// six sites behind it.
+func startHerd(t *testing.T, bandwidth int64, cacheArgs ...string) (*hub.Hub, *cacheProc, []*site, content, digest.Digest) {
+	t.Helper()
+	bin := requireShoal(t)
+	h := hub.Start(t)
+	img := harness.RandomImage(t, 1, 24<<20)
+	md := h.Push(t, "library/herd", "v1", img)
+	want := imageContent(t, img)
+	c := startCache(t, h, cacheOpts{args: cacheArgs})
+	sites := startSites(t, bin, h, c, 6)
+	h.SetBandwidth(bandwidth)
+	h.ResetCounts()
+	return h, c, sites, want, md
 }
 
 // pullAtOnce pulls ref on every site at the same moment and returns each
@@ -96,17 +113,9 @@ func layerBytes(want content, manifest digest.Digest) float64 {
 // containerd holds identical bytes.
 func TestHerdScaleOut(t *testing.T) {
 	harness.RequireRoot(t)
-	bin := requireShoal(t)
-	h := hub.Start(t)
-	img := harness.RandomImage(t, 1, 24<<20)
-	md := h.Push(t, "library/herd", "v1", img)
-	want := imageContent(t, img)
-	c := startCache(t, h, cacheOpts{args: []string{"--herd-direct", "2"}})
-	sites := herdSites(t, bin, h, c, 6)
 	// 24 MiB at 16 MiB/s: the first nodes are still receiving when the
 	// last ones ask.
-	h.SetBandwidth(16 << 20)
-	h.ResetCounts()
+	h, c, sites, want, md := startHerd(t, 16<<20, "--herd-direct", "2")
 	cacheBefore := c.metric(t, "shoal_cache_served_bytes_total")
 
 	for _, err := range pullAtOnce(sites, h.Ref("library/herd", "v1")) {
@@ -152,15 +161,8 @@ func TestHerdScaleOut(t *testing.T) {
 // from another source, and upstream still sees each blob once.
 func TestHerdReceiverKilled(t *testing.T) {
 	harness.RequireRoot(t)
-	bin := requireShoal(t)
-	h := hub.Start(t)
-	img := harness.RandomImage(t, 1, 24<<20)
-	md := h.Push(t, "library/herd", "v1", img)
-	want := imageContent(t, img)
-	c := startCache(t, h, cacheOpts{})
-	sites := herdSites(t, bin, h, c, 6)
-	h.SetBandwidth(6 << 20) // 4 s: time to find a serving node and kill it
-	h.ResetCounts()
+	// 24 MiB at 6 MiB/s, 4 s: time to find a serving node and kill it.
+	h, _, sites, want, md := startHerd(t, 6<<20)
 
 	killed := make(chan *site, 1)
 	go func() {

@@ -63,30 +63,7 @@ func TestNodeToCacheEndToEnd(t *testing.T) {
 	want := imageContent(t, img)
 	c := startCache(t, h, cacheOpts{})
 
-	var sites []*site
-	var routers []string
-	for _, n := range []string{"A", "B", "C"} {
-		ctrd := harness.StartContainerd(t, harness.ContainerdV2)
-		node := harness.StartShoalNode(t, harness.NodeOptions{
-			Bin: bin, Name: n, Containerd: ctrd, BootstrapPeers: routers,
-			Registries: []string{h.Host()}, Args: []string{"--cache-url", c.url()},
-		})
-		routers = append(routers, node.RouterAddr)
-		writeHostsTOML(t, ctrd, h.Host(), node.URL())
-		sites = append(sites, &site{name: n, ctrd: ctrd, node: node})
-	}
-	eventually(t, 20*time.Second, "DHT mesh", func() error {
-		for _, s := range sites {
-			v, err := s.node.MetricErr("shoal_dht_peers")
-			if err != nil {
-				return err
-			}
-			if v < 2 {
-				return fmt.Errorf("node %s has %v peers", s.name, v)
-			}
-		}
-		return nil
-	})
+	sites := startSites(t, bin, h, c, 3)
 	a, b := sites[0], sites[1]
 	ref := h.Host() + "/library/app:v1"
 	h.ResetCounts()
