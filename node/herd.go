@@ -141,6 +141,23 @@ func (inflightSource) name() string { return sourceInflight }
 // peer here a moment before this node's own answer starts.
 const ingestWait = 2 * time.Second
 
+// receiverIdle is how long a node waits on a receiver that sends nothing.
+// containerd writes a blob into its ingest a MiB at a time, so each node of
+// a chain starts a MiB's transfer time after the one ahead: deep in a long
+// chain on a slow link the first byte takes a while. A receiver waits only
+// while its own fetch runs, and that fetch resumes elsewhere within the
+// idle timeout when its source stalls, so a break anywhere up the chain is
+// mended below it; this bound is for a receiver that hangs.
+const receiverIdle = 2 * time.Minute
+
+// idleFor is the idle timeout of a body from t.
+func (n *Node) idleFor(t target) time.Duration {
+	if t.receiving {
+		return max(n.cfg.IdleTimeout, receiverIdle)
+	}
+	return n.cfg.IdleTimeout
+}
+
 // receiverResolveTimeout bounds finding the receivers the cache tier named.
 const receiverResolveTimeout = 5 * time.Second
 

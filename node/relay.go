@@ -275,11 +275,11 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 		if strings.HasSuffix(rng, "-") {
 			d = n.chunkDialer
 		}
-		resp, err = rawGet(ctx, d, req, n.cfg.IdleTimeout)
+		resp, err = rawGet(ctx, d, req, n.idleFor(t))
 	} else {
 		resp, err = t.client.Do(req)
 		if err == nil {
-			resp.Body = oci.NewIdleReader(resp.Body, n.cfg.IdleTimeout)
+			resp.Body = oci.NewIdleReader(resp.Body, n.idleFor(t))
 		}
 	}
 	if err != nil {
