@@ -224,10 +224,7 @@ func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route,
 		start, length = br.Start, br.Length()
 	}
 	h := w.Header()
-	h.Set("Content-Type", "application/octet-stream")
-	h.Set("Docker-Content-Digest", rt.Digest.String())
-	h.Set("Etag", `"`+rt.Digest.String()+`"`)
-	h.Set("Accept-Ranges", "bytes")
+	setBlobHeaders(h, rt.Digest)
 	h.Set("Content-Length", strconv.FormatInt(length, 10))
 	status := http.StatusOK
 	if ranged {

@@ -451,10 +451,7 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		return n.reject(ctx, t, a, label, err)
 	}
 	h := w.Header()
-	h.Set("Content-Type", "application/octet-stream")
-	h.Set("Docker-Content-Digest", rt.Digest.String())
-	h.Set("Accept-Ranges", "bytes")
-	h.Set("Etag", `"`+rt.Digest.String()+`"`)
+	setBlobHeaders(h, rt.Digest)
 	h.Set("Content-Length", strconv.FormatInt(s.end-s.start+1, 10))
 	status := http.StatusOK
 	if a.resp.StatusCode == http.StatusPartialContent {
@@ -651,4 +648,12 @@ func (c *blobCopy) flush() error {
 		c.writeErr = err
 	}
 	return err
+}
+
+// setBlobHeaders sets the headers of a blob answer that every source gives.
+func setBlobHeaders(h http.Header, d digest.Digest) {
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Accept-Ranges", "bytes")
+	h.Set("Etag", `"`+d.String()+`"`)
 }
