@@ -17,6 +17,8 @@ CONFORMANCE_V=v0.0.0-20260831232431-97274622c111
 HELM_V=v3.22.0
 ETCD_V=v3.6.5
 KUBE_V=v1.35.0
+# SeaweedFS: the module proxy serves this one pseudo-version (no tags).
+WEED_V=v0.0.0-20261109003541-7506e5f91cd6
 
 log() { echo "[install] $*" >&2; }
 
@@ -119,6 +121,18 @@ if [[ ! -x $dk/.done ]]; then
   touch "$dk/.done"; chmod +x "$dk/.done"
 fi
 
+# A real S3-compatible object store for the cache tier's replicas (~6 min cold).
+dw=$BIN/weed-$WEED_V
+if [[ ! -x $dw/.done ]]; then
+  log "building SeaweedFS weed $WEED_V (wrapper module, ~6 min cold)"
+  w=$(mktemp -d)
+  (cd "$w" && go mod init shoal-wrap-weed >/dev/null 2>&1 &&
+    GOFLAGS=-mod=mod go get "github.com/seaweedfs/seaweedfs@$WEED_V" >/dev/null 2>&1 &&
+    mkdir -p "$dw" && GOFLAGS=-mod=mod go build -o "$dw/weed" github.com/seaweedfs/seaweedfs/weed)
+  rm -rf "$w"
+  touch "$dw/.done"; chmod +x "$dw/.done"
+fi
+
 # The environment the tests read (printed for `eval`).
 cat <<ENV
 export SHOAL_CONTAINERD_BIN=$BIN/containerd-$CONTAINERD_V2/containerd
@@ -131,4 +145,5 @@ export SHOAL_CONFORMANCE_BIN=$dc/conformance.test
 export SHOAL_HELM_BIN=$BIN/helm-$HELM_V/helm
 export SHOAL_ETCD_BIN=$de/etcd
 export SHOAL_KUBE_APISERVER_BIN=$dk/kube-apiserver
+export SHOAL_WEED_BIN=$dw/weed
 ENV

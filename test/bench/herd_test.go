@@ -99,6 +99,7 @@ func BenchmarkHerd(b *testing.B) {
 		}
 		if loopback {
 			s.ctrd = harness.StartContainerd(b, harness.ContainerdV2)
+			s.ctrd.CtrTimeout = 30 * time.Minute // 50 CPU-bound pulls on two cores
 		} else {
 			s.ctrd = harness.StartContainerdNetNS(b, hosts[i].ns)
 			o.NetNS, o.ListenIP = hosts[i].ns, hosts[i].ip

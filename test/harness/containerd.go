@@ -48,6 +48,8 @@ type Containerd struct {
 	ConfigPath string // the config.toml it runs with
 	Bin        string // the containerd binary
 	CtrBin     string // the ctr binary (v2; it also talks to 1.7)
+	// CtrTimeout bounds each ctr command; 0: 60 s, or 10 min in a netns.
+	CtrTimeout time.Duration
 
 	dir     string
 	logPath string
@@ -241,7 +243,10 @@ func (c *Containerd) Ctr(t testing.TB, args ...string) string {
 // carries its standard error.
 func (c *Containerd) CtrErr(args ...string) (string, error) {
 	limit := 60 * time.Second
-	if c.netns != "" {
+	switch {
+	case c.CtrTimeout > 0:
+		limit = c.CtrTimeout
+	case c.netns != "":
 		limit = 10 * time.Minute // benchmarks on shaped links pull large images
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), limit)

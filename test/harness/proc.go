@@ -29,7 +29,8 @@ type Proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	mu   sync.Mutex
-	err  error // exit status, once done is closed
+	err  error    // exit status, once done is closed
+	env  []string // added to the process's environment
 }
 
 func newProc(t testing.TB, kind, name, dir string) *Proc {
@@ -52,7 +53,7 @@ func (p *Proc) start(t testing.TB, bin string, args []string) {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Keep the test's own SHOAL_* variables from leaking into the process.
-	cmd.Env = FilteredEnv("SHOAL_")
+	cmd.Env = append(FilteredEnv("SHOAL_"), p.env...)
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start shoal %s %s: %v", p.Kind, p.Name, err)
@@ -225,6 +226,8 @@ type CacheOptions struct {
 	// ListenIP is the address the registry port listens on; default
 	// 127.0.0.1.
 	ListenIP string
+	// Env is added to the process's environment (storage credentials).
+	Env []string
 }
 
 // ShoalCache is a running `shoal cache` process owned by one test.
@@ -252,6 +255,7 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 		o.ListenIP = "127.0.0.1"
 	}
 	c := &ShoalCache{Proc: newProc(t, "cache", o.Name, dir), Addr: net.JoinHostPort(o.ListenIP, strconv.Itoa(FreePort(t))), DataDir: o.DataDir}
+	c.env = o.Env
 	args := []string{"cache",
 		"--addr", c.Addr,
 		"--metrics-addr", c.MetricsAddr,

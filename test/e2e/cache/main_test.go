@@ -51,6 +51,7 @@ type cacheOpts struct {
 	// dataDir is --data-dir; empty gives a fresh temporary directory.
 	dataDir string
 	args    []string
+	env     []string // added to the process's environment
 }
 
 // cacheProc is a running `shoal cache` owned by one test: the harness's
@@ -71,7 +72,7 @@ func startCache(t *testing.T, h *hub.Hub, o cacheOpts) *cacheProc {
 	if len(o.upstreams) == 0 && h != nil {
 		o.upstreams = []string{h.Host() + "=" + h.URL()}
 	}
-	c := harness.StartShoalCache(t, harness.CacheOptions{Bin: requireShoal(t), Name: o.name, Upstreams: o.upstreams, DataDir: o.dataDir, Args: o.args})
+	c := harness.StartShoalCache(t, harness.CacheOptions{Bin: requireShoal(t), Name: o.name, Upstreams: o.upstreams, DataDir: o.dataDir, Args: o.args, Env: o.env})
 	return &cacheProc{ShoalCache: c, name: c.Name, addr: c.Addr, metricsAddr: c.MetricsAddr, dataDir: c.DataDir, logPath: c.LogPath}
 }
 

@@ -27,9 +27,31 @@ type replicaPair struct {
 	want   []byte
 }
 
-// startReplicaPair starts the pair; the hub sends bandwidth bytes a second
-// and the replicas get the extra flags.
+// sharedStorage is where both replicas of a pair store: flags and the
+// environment that carries credentials.
+type sharedStorage struct {
+	args, env []string
+}
+
+// fsStorage is one filesystem directory that both replicas use.
+func fsStorage(t *testing.T) sharedStorage {
+	return sharedStorage{args: []string{"--storage-opt", "rootdirectory=" + filepath.Join(t.TempDir(), "registry")}}
+}
+
+// s3Storage is a bucket on a fresh SeaweedFS server.
+func s3Storage(t *testing.T) sharedStorage {
+	s3 := harness.StartS3(t)
+	return sharedStorage{args: s3.CacheArgs(), env: s3.CacheEnv()}
+}
+
+// startReplicaPair starts the pair on filesystem storage; the hub sends
+// bandwidth bytes a second and the replicas get the extra flags.
 func startReplicaPair(t *testing.T, bandwidth int64, extra ...string) *replicaPair {
+	return startReplicaPairOn(t, fsStorage(t), bandwidth, extra...)
+}
+
+// startReplicaPairOn is startReplicaPair on the given storage.
+func startReplicaPairOn(t *testing.T, st sharedStorage, bandwidth int64, extra ...string) *replicaPair {
 	t.Helper()
 	h := hub.Start(t)
 	img := harness.RandomImage(t, 1, 2<<20)
@@ -38,11 +60,10 @@ func startReplicaPair(t *testing.T, bandwidth int64, extra ...string) *replicaPa
 	lh, _ := layers[0].Digest()
 	ld := hub.DigestOf(lh)
 	rd := harness.StartRedisServer(t)
-	shared := filepath.Join(t.TempDir(), "registry")
-	args := append([]string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", rd.URL}, extra...)
+	args := append(append(st.args, "--redis-url", rd.URL), extra...)
 	p := &replicaPair{h: h, ld: ld, want: imageContent(t, img)[ld],
-		r1: startCache(t, h, cacheOpts{name: "r1", args: args}),
-		r2: startCache(t, h, cacheOpts{name: "r2", args: args})}
+		r1: startCache(t, h, cacheOpts{name: "r1", args: args, env: st.env}),
+		r2: startCache(t, h, cacheOpts{name: "r2", args: args, env: st.env})}
 	h.SetBandwidth(bandwidth)
 	return p
 }
@@ -107,9 +128,15 @@ func (p *replicaPair) r2Relays(t *testing.T, ctx context.Context) <-chan fetched
 // TestReplicaKilledMidFetchLeaseTakenOver: the replica holding the Redis
 // lease for a blob dies mid-fetch while another replica relays it to its
 // own client; once the lease expires that replica takes over, and its
-// client gets the whole, correct blob on the same response.
+// client gets the whole, correct blob on the same response. It runs on a
+// shared directory and on a real S3 bucket (SeaweedFS).
 func TestReplicaKilledMidFetchLeaseTakenOver(t *testing.T) {
-	p := startReplicaPair(t, 128<<10) // the fetch would take ~16s: r1 dies long before
+	t.Run("filesystem", func(t *testing.T) { testReplicaKilledMidFetch(t, fsStorage(t)) })
+	t.Run("s3", func(t *testing.T) { testReplicaKilledMidFetch(t, s3Storage(t)) })
+}
+
+func testReplicaKilledMidFetch(t *testing.T, st sharedStorage) {
+	p := startReplicaPairOn(t, st, 128<<10) // the fetch would take ~16s: r1 dies long before
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	first := p.r1Fetches(t, ctx)
