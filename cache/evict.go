@@ -14,6 +14,8 @@ import (
 	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/shoal-oci/shoal/cache/recency"
 )
 
 // evictGrace protects content touched this recently: a pull in progress
@@ -36,8 +38,9 @@ type evictor struct {
 }
 
 // EvictShare is what replicas on shared storage share for eviction: when
-// each digest was last used, by any replica, and a lock so that one pass
-// runs at a time. *recency.Redis implements it.
+// each digest was last used, by any replica, a lock so that one pass runs
+// at a time, and an inventory of what the storage holds, so that a pass
+// need not list the storage. *recency.Redis implements it.
 type EvictShare interface {
 	// Touch records a use; it must not block.
 	Touch(d digest.Digest, t time.Time)
@@ -48,6 +51,21 @@ type EvictShare interface {
 	// TryLock takes the eviction lock for ttl; ok is false while another
 	// replica holds it. An error with ok means: run alone (degraded).
 	TryLock(ctx context.Context, ttl time.Duration) (unlock func(), ok bool, err error)
+
+	// AddBlob and AddManifest record what a replica stored; they must not
+	// block.
+	AddBlob(d digest.Digest, size int64, at time.Time)
+	AddManifest(repo string, d digest.Digest, refs []digest.Digest)
+	// Total is the inventory's stored bytes; complete is false when the
+	// inventory must be rebuilt by a walk (Replace).
+	Total(ctx context.Context) (total int64, complete bool, err error)
+	// Load reads the whole inventory.
+	Load(ctx context.Context) (map[digest.Digest]recency.InvBlob, []recency.InvManifest, error)
+	// Replace merges a walk that started at started into the inventory.
+	Replace(ctx context.Context, started time.Time, blobs map[digest.Digest]recency.InvBlob, manifests []recency.InvManifest) error
+	// RemoveBlob and RemoveManifest drop what the pass evicted.
+	RemoveBlob(ctx context.Context, d digest.Digest) error
+	RemoveManifest(ctx context.Context, repo string, d digest.Digest) error
 }
 
 // evictLockTTL bounds a pass's hold on the cross-replica lock.
@@ -69,6 +87,47 @@ func (e *evictor) touch(d digest.Digest) {
 	if e.share != nil {
 		e.share.Touch(d, now)
 	}
+}
+
+// blobStored records a blob this replica stored.
+func (e *evictor) blobStored(d digest.Digest, size int64) {
+	e.touch(d)
+	if e.share != nil && e.max > 0 {
+		e.share.AddBlob(d, size, e.now())
+	}
+}
+
+// manifestStored records a manifest this replica stored, under its storage
+// repository name, with the digests it references.
+func (e *evictor) manifestStored(repo string, d digest.Digest, refs []digest.Digest) {
+	e.touch(d)
+	if e.share != nil && e.max > 0 {
+		e.share.AddManifest(repo, d, refs)
+	}
+}
+
+// hold keeps d recent while a response serves it, so that no replica's pass
+// evicts a blob in the middle of a long download; stop ends it.
+func (e *evictor) hold(d digest.Digest) (stop func()) {
+	e.touch(d)
+	if e.max <= 0 {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(evictGrace / 4)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				e.touch(d)
+				return
+			case <-t.C:
+				e.touch(d)
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 // shared raises each known use to the latest any replica recorded. If the
@@ -119,8 +178,9 @@ type cachedManifest struct {
 }
 
 type cachedBlob struct {
-	size int64
-	used time.Time
+	size   int64
+	stored time.Time
+	used   time.Time
 }
 
 // run is one eviction pass; with a share, one at a time across replicas.
@@ -135,11 +195,21 @@ func (e *evictor) run(ctx context.Context) error {
 			return nil
 		}
 		defer unlock()
+		if err == nil {
+			return e.runShared(ctx)
+		}
 	}
+	return e.runWalk(ctx)
+}
+
+// runWalk is a pass that lists the storage: without a share, or when the
+// share is unreachable.
+func (e *evictor) runWalk(ctx context.Context) error {
 	blobs, total, err := e.blobs(ctx)
 	if err != nil {
 		return err
 	}
+	e.m.evictWalks.Inc()
 	e.m.storage.Set(float64(total))
 	if e.max <= 0 || total <= e.max {
 		return nil
@@ -149,6 +219,65 @@ func (e *evictor) run(ctx context.Context) error {
 		return err
 	}
 	e.shared(ctx, blobs, manifests)
+	return e.evict(ctx, blobs, manifests, total)
+}
+
+// runShared is a pass on the shared inventory: one counter read when under
+// the bound, the inventory (not the storage) when over. Only a missing or
+// expired inventory costs a walk, which rebuilds it.
+func (e *evictor) runShared(ctx context.Context) error {
+	total, complete, err := e.share.Total(ctx)
+	if err != nil {
+		e.log.WarnContext(ctx, "eviction: shared inventory unavailable; listing the storage", "err", err)
+		return e.runWalk(ctx)
+	}
+	var blobs map[digest.Digest]cachedBlob
+	var manifests []cachedManifest
+	if !complete {
+		started := e.now()
+		if blobs, total, err = e.blobs(ctx); err != nil {
+			return err
+		}
+		if manifests, err = e.manifests(ctx); err != nil {
+			return err
+		}
+		e.m.evictWalks.Inc()
+		inv := make(map[digest.Digest]recency.InvBlob, len(blobs))
+		for d, b := range blobs {
+			inv[d] = recency.InvBlob{Size: b.size, Stored: b.stored}
+		}
+		invM := make([]recency.InvManifest, len(manifests))
+		for i, m := range manifests {
+			invM[i] = recency.InvManifest{Repo: m.repo, D: m.d, Refs: m.refs}
+		}
+		if err := e.share.Replace(ctx, started, inv, invM); err != nil {
+			e.log.WarnContext(ctx, "eviction: shared inventory not rebuilt; the next pass walks again", "err", err)
+		}
+	}
+	e.m.storage.Set(float64(total))
+	if total <= e.max {
+		return nil
+	}
+	if complete {
+		inv, invM, err := e.share.Load(ctx)
+		if err != nil {
+			return err
+		}
+		blobs = make(map[digest.Digest]cachedBlob, len(inv))
+		for d, b := range inv {
+			blobs[d] = cachedBlob{size: b.Size, stored: b.Stored, used: e.lastUse(d, b.Stored)}
+		}
+		for _, m := range invM {
+			manifests = append(manifests, cachedManifest{repo: m.Repo, d: m.D, refs: m.Refs, used: e.lastUse(m.D, time.Time{})})
+		}
+	}
+	e.shared(ctx, blobs, manifests)
+	return e.evict(ctx, blobs, manifests, total)
+}
+
+// evict removes unreferenced blobs, least recently used first, then the
+// least recently used manifests, until total is under the bound.
+func (e *evictor) evict(ctx context.Context, blobs map[digest.Digest]cachedBlob, manifests []cachedManifest, total int64) error {
 	now := e.now()
 	for total > e.max {
 		refs := map[digest.Digest]bool{}
@@ -218,7 +347,7 @@ func (e *evictor) blobs(ctx context.Context) (map[digest.Digest]cachedBlob, int6
 		if fi, err := e.st.driver.Stat(ctx, blobDataPath(d)); err == nil {
 			mod = fi.ModTime()
 		}
-		out[d] = cachedBlob{size: desc.Size, used: e.lastUse(d, mod)}
+		out[d] = cachedBlob{size: desc.Size, stored: mod, used: e.lastUse(d, mod)}
 		total += desc.Size
 		return nil
 	})
@@ -285,16 +414,24 @@ func (e *evictor) manifests(ctx context.Context) ([]cachedManifest, error) {
 }
 
 func (e *evictor) removeBlob(ctx context.Context, d digest.Digest) error {
-	if err := e.st.deleteBlob(ctx, d); err != nil {
+	switch err := e.st.deleteBlob(ctx, d); {
+	case errors.Is(err, distribution.ErrBlobUnknown) || isPathNotFound(err):
+		// Gone already (removed outside shoal): only the records remain.
+		e.log.InfoContext(ctx, "evicted blob was already gone from storage", "digest", d)
+	case err != nil:
 		return fmt.Errorf("unlink blob %s: %w", d, err)
+	default:
+		if err := storage.NewVacuum(ctx, e.st.driver).RemoveBlob(d.String()); err != nil && !isPathNotFound(err) {
+			return fmt.Errorf("remove blob %s: %w", d, err)
+		}
+		e.m.evicted.Inc()
+		e.log.InfoContext(ctx, "evicted blob", "digest", d)
 	}
-	if err := storage.NewVacuum(ctx, e.st.driver).RemoveBlob(d.String()); err != nil {
-		return fmt.Errorf("remove blob %s: %w", d, err)
-	}
-	e.m.evicted.Inc()
-	e.log.InfoContext(ctx, "evicted blob", "digest", d)
 	if e.share != nil {
 		_ = e.share.Forget(ctx, d)
+		if err := e.share.RemoveBlob(ctx, d); err != nil {
+			e.log.WarnContext(ctx, "evicted blob stays in the shared inventory until its next rebuild", "digest", d, "err", err)
+		}
 	}
 	return nil
 }
@@ -312,10 +449,15 @@ func (e *evictor) removeManifest(ctx context.Context, m cachedManifest) error {
 	if err != nil {
 		return err
 	}
-	if err := ms.Delete(ctx, m.d); err != nil {
+	if err := ms.Delete(ctx, m.d); err != nil && !isPathNotFound(err) && !errors.As(err, new(distribution.ErrManifestUnknownRevision)) {
 		return fmt.Errorf("delete manifest %s@%s: %w", m.repo, m.d, err)
 	}
 	e.log.InfoContext(ctx, "evicted manifest", "repo", m.repo, "digest", m.d)
+	if e.share != nil {
+		if err := e.share.RemoveManifest(ctx, m.repo, m.d); err != nil {
+			e.log.WarnContext(ctx, "evicted manifest stays in the shared inventory until its next rebuild", "digest", m.d, "err", err)
+		}
+	}
 	return nil
 }
 

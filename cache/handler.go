@@ -315,10 +315,12 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 			if err != nil {
 				return err
 			}
-			if err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b); err != nil {
+			sm, err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b)
+			if err != nil {
 				c.cfg.Logger.WarnContext(ctx, "manifest not cached", "digest", q.Digest, "err", err)
 				return err
 			}
+			c.evict.manifestStored(sm.repo, q.Digest, sm.refs)
 			return nil
 		},
 		Committed: func(ctx context.Context) (bool, error) {
@@ -351,8 +353,10 @@ func (c *Cache) serveManifestDigest(w http.ResponseWriter, r *http.Request, q re
 	// next request (a tag revalidation, a stale fallback) finds it. A second
 	// put of the same bytes is harmless.
 	if _, _, held, err := c.store.getManifest(ctx, q.Registry, q.repo, q.Digest); err == nil && !held {
-		if err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b); err != nil {
+		if sm, err := c.store.putManifest(ctx, q.Registry, q.repo, q.Digest, mt, b); err != nil {
 			c.cfg.Logger.WarnContext(ctx, "manifest not cached", "digest", q.Digest, "err", err)
+		} else {
+			c.evict.manifestStored(sm.repo, q.Digest, sm.refs)
 		}
 	}
 	writeManifestHeaders(w, q.Digest, mt, int64(len(b)))
@@ -425,10 +429,11 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 			return c.relayBlob(ctx, w, from, q)
 		},
 		Commit: func(ctx context.Context, spool *os.File) error {
-			if err := c.store.commitBlob(ctx, q.Digest, spool); err != nil {
+			size, err := c.store.commitBlob(ctx, q.Digest, spool)
+			if err != nil {
 				return err
 			}
-			c.evict.touch(q.Digest)
+			c.evict.blobStored(q.Digest, size)
 			return nil
 		},
 		Committed: func(ctx context.Context) (bool, error) {
@@ -705,7 +710,7 @@ func (c *Cache) serveStoredBlob(w http.ResponseWriter, r *http.Request, d digest
 	h.Set("Docker-Content-Digest", d.String())
 	h.Set("Etag", `"`+d.String()+`"`)
 	h.Set("Accept-Ranges", "bytes")
-	c.evict.touch(d)
+	defer c.evict.hold(d)()
 	cw := &countingWriter{ResponseWriter: w}
 	http.ServeContent(cw, r, "", time.Time{}, f)
 	c.metrics.served.Add(float64(cw.n))

@@ -14,6 +14,7 @@ type metrics struct {
 	upstreamBytes prometheus.Counter
 	storage       prometheus.Gauge
 	evicted       prometheus.Counter
+	evictWalks    prometheus.Counter
 	passthrough   prometheus.Counter
 }
 
@@ -43,6 +44,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "shoal_cache_evicted_blobs_total",
 			Help: "Blobs removed to keep storage under --max-size.",
 		}),
+		evictWalks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "shoal_cache_evict_walks_total",
+			Help: "Eviction passes that listed the whole storage. With Redis, only the first pass, and one a day, walk; the others read the shared inventory.",
+		}),
 		passthrough: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "shoal_cache_passthrough_total",
 			Help: "Blobs served straight from upstream without caching, because the spool's disk had no room (each one is logged at error level).",
@@ -62,7 +67,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{"rate_limited", "unavailable", "timeout"} {
 		m.stale.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.pulls.vec, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted, m.passthrough} {
+	for _, c := range []prometheus.Collector{m.requests, m.pulls.vec, m.stale, m.served, m.upstreamBytes, m.storage, m.evicted, m.evictWalks, m.passthrough} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

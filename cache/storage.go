@@ -115,26 +115,26 @@ func (s *store) openBlob(ctx context.Context, d digest.Digest) (io.ReadSeekClose
 	return rc, nil
 }
 
-// commitBlob stores a verified spool as blob d. distribution re-checks the
-// digest on commit.
-func (s *store) commitBlob(ctx context.Context, d digest.Digest, spool *os.File) error {
+// commitBlob stores a verified spool as blob d and returns its size.
+// distribution re-checks the digest on commit.
+func (s *store) commitBlob(ctx context.Context, d digest.Digest, spool *os.File) (int64, error) {
 	fi, err := spool.Stat()
 	if err != nil {
-		return fmt.Errorf("spool: %w", err)
+		return 0, fmt.Errorf("spool: %w", err)
 	}
 	w, err := s.blobs.Create(ctx)
 	if err != nil {
-		return fmt.Errorf("create blob %s: %w", d, err)
+		return 0, fmt.Errorf("create blob %s: %w", d, err)
 	}
 	if _, err := w.ReadFrom(spool); err != nil {
 		_ = w.Cancel(ctx)
-		return fmt.Errorf("write blob %s: %w", d, err)
+		return 0, fmt.Errorf("write blob %s: %w", d, err)
 	}
 	if _, err := w.Commit(ctx, ocispec.Descriptor{Digest: d, Size: fi.Size(), MediaType: "application/octet-stream"}); err != nil {
 		_ = w.Cancel(ctx)
-		return fmt.Errorf("commit blob %s: %w", d, err)
+		return 0, fmt.Errorf("commit blob %s: %w", d, err)
 	}
-	return nil
+	return fi.Size(), nil
 }
 
 func (s *store) deleteBlob(ctx context.Context, d digest.Digest) error {
@@ -166,23 +166,38 @@ func (s *store) getManifest(ctx context.Context, registry, repo string, d digest
 	return b, mt, true, nil
 }
 
+// storedManifest is what putManifest stored: the storage repository's name
+// and the digests the manifest references.
+type storedManifest struct {
+	repo string
+	refs []digest.Digest
+}
+
 // putManifest stores manifest bytes, checking they hash to d.
-func (s *store) putManifest(ctx context.Context, registry, repo string, d digest.Digest, mediaType string, b []byte) error {
+func (s *store) putManifest(ctx context.Context, registry, repo string, d digest.Digest, mediaType string, b []byte) (storedManifest, error) {
 	if d.Algorithm().FromBytes(b) != d {
-		return fmt.Errorf("manifest %s: content does not match digest", d)
+		return storedManifest{}, fmt.Errorf("manifest %s: content does not match digest", d)
 	}
 	m, _, err := distribution.UnmarshalManifest(mediaType, b)
 	if err != nil {
-		return fmt.Errorf("parse manifest %s (%s): %w", d, mediaType, err)
+		return storedManifest{}, fmt.Errorf("parse manifest %s (%s): %w", d, mediaType, err)
+	}
+	named, err := storageName(registry, repo)
+	if err != nil {
+		return storedManifest{}, fmt.Errorf("storage name: %w", err)
 	}
 	ms, err := s.manifests(ctx, registry, repo)
 	if err != nil {
-		return err
+		return storedManifest{}, err
 	}
 	if _, err := ms.Put(ctx, m); err != nil {
-		return fmt.Errorf("put manifest %s: %w", d, err)
+		return storedManifest{}, fmt.Errorf("put manifest %s: %w", d, err)
 	}
-	return nil
+	sm := storedManifest{repo: named.Name()}
+	for _, r := range m.References() {
+		sm.refs = append(sm.refs, r.Digest)
+	}
+	return sm, nil
 }
 
 // tagRecord is what the cache knows of a tag: where it pointed when last

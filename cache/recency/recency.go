@@ -36,11 +36,14 @@ type Redis struct {
 	log    *slog.Logger
 	flush  time.Duration
 
-	mu      sync.Mutex
-	pending map[digest.Digest]time.Time
+	inv string // prefix of the inventory's keys
 
-	setMax *redis.Script
-	unlock *redis.Script
+	mu         sync.Mutex
+	pending    map[digest.Digest]time.Time
+	pendingInv []invOp
+
+	setMax, unlock               *redis.Script
+	addBlob, removeBlob, recount *redis.Script
 }
 
 // NewRedis returns a Redis recency under keys that start with prefix
@@ -50,7 +53,7 @@ func NewRedis(c redis.UniversalClient, prefix string, health Health, log *slog.L
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Redis{
-		c: c, hash: prefix + "recency", lock: prefix + "lock", health: health, log: log, flush: time.Second,
+		c: c, hash: prefix + "recency", lock: prefix + "lock", inv: prefix + "inv:", health: health, log: log, flush: time.Second,
 		pending: map[digest.Digest]time.Time{},
 		// HSET only when newer: replicas' writes race, the latest use wins.
 		setMax: redis.NewScript(`for i = 1, #ARGV, 2 do
@@ -64,6 +67,24 @@ return 0`),
   return redis.call("del", KEYS[1])
 end
 return 0`),
+		// The inventory: a blob's size joins the total only when the blob
+		// is new to it, and leaves it only when the blob was in it.
+		addBlob: redis.NewScript(`if redis.call("HSETNX", KEYS[1], ARGV[1], ARGV[2] .. ":" .. ARGV[3]) == 1 then
+  redis.call("INCRBY", KEYS[2], ARGV[2])
+end
+return 0`),
+		removeBlob: redis.NewScript(`local v = redis.call("HGET", KEYS[1], ARGV[1])
+if v then
+  redis.call("HDEL", KEYS[1], ARGV[1])
+  redis.call("DECRBY", KEYS[2], string.match(v, "^(%d+)"))
+end
+return 0`),
+		recount: redis.NewScript(`local total = 0
+for _, v in ipairs(redis.call("HVALS", KEYS[1])) do
+  total = total + tonumber(string.match(v, "^(%d+)"))
+end
+redis.call("SET", KEYS[2], total)
+return total`),
 	}
 }
 
@@ -84,9 +105,19 @@ func (r *Redis) Touch(d digest.Digest, t time.Time) {
 	r.mu.Unlock()
 }
 
-// Flush writes the buffered uses now. Uses that cannot be written stay
-// buffered for the next try.
+// Flush writes the buffered uses and inventory changes now. What cannot be
+// written stays buffered for the next try.
 func (r *Redis) Flush(ctx context.Context) error {
+	if !r.up() {
+		return fmt.Errorf("recency: redis down")
+	}
+	if err := r.flushInv(ctx); err != nil {
+		return err
+	}
+	return r.flushUses(ctx)
+}
+
+func (r *Redis) flushUses(ctx context.Context) error {
 	r.mu.Lock()
 	batch := r.pending
 	r.pending = map[digest.Digest]time.Time{}
