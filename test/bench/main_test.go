@@ -31,9 +31,9 @@ func TestMain(m *testing.M) {
 				os.Exit(1)
 			}
 			defer os.RemoveAll(dir)
-			// The build the node image ships (/shoal-node): no object-storage
-			// SDKs. The cache benchmarks use filesystem storage, which it has.
-			shoalBin, buildErr = harness.BuildShoal(dir, "-race=false", "-tags", "nocloud")
+			// The build the image ships as /shoal (the cache tier), with the
+			// object-storage drivers.
+			shoalBin, buildErr = harness.BuildShoal(dir, "-race=false")
 		}
 		nodeBin = os.Getenv("SHOAL_BENCH_NODE_BIN")
 		if nodeBin == "" && buildErr == nil {

@@ -20,7 +20,7 @@ trap 'rm -rf "$out"' EXIT
 echo "[bench] go build shoal" >&2
 # The builds the image ships (see the Dockerfile): /shoal for the cache tier
 # and /shoal-node (no object-storage SDKs, no cache tier) for the nodes.
-go build -tags nocloud -o "$out/shoal" .
+go build -o "$out/shoal" .
 go build -tags nocloud,nocache -o "$out/shoal-node" .
 export SHOAL_BENCH_BIN="$out/shoal" SHOAL_BENCH_NODE_BIN="$out/shoal-node"
 pattern=${1:-.}
