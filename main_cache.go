@@ -214,8 +214,14 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	var tracker cache.Herd
 	if *herdDirect > 0 {
-		if tracker, err = herd.New(herd.Config{Direct: *herdDirect, Registerer: reg}); err != nil {
+		local, err := herd.New(herd.Config{Direct: *herdDirect, Registerer: reg})
+		if err != nil {
 			return err
+		}
+		tracker = local
+		if rdb != nil {
+			// One herd per blob across all replicas; each alone while Redis is down.
+			tracker = herd.NewShared(rdb, "shoal:herd:", local, redisHealth, log.With("component", "herd"))
 		}
 	} else if *herdDirect < 0 {
 		return fmt.Errorf("--herd-direct %d: must be 0 or more", *herdDirect)

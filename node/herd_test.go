@@ -195,3 +195,58 @@ func TestReceiversOf(t *testing.T) {
 		t.Fatalf("a 404 gave receivers %v", ids)
 	}
 }
+
+// TestInflightAnswersBeforeTheIngestOpens: once this node's own answer to
+// containerd has announced the blob's size, a follower gets its headers at
+// once, before containerd has opened its ingest, and then the bytes as
+// they are written. Deep in a chain this keeps the tail's headers within
+// containerd's 30 s header timeout.
+func TestInflightAnswersBeforeTheIngestOpens(t *testing.T) {
+	blob := randomBytes(t, 300_000)
+	n, st, f, srv := newIngestNode(t, blob)
+	f.Close()
+	if err := os.Remove(st.path); err != nil { // containerd has no ingest yet
+		t.Fatal(err)
+	}
+	done := n.receivingNow.add(st.d)
+	defer done()
+	n.receivingNow.setSize(st.d, int64(len(blob)))
+
+	resp, err := http.Get(fmt.Sprintf("%s/v2/library/x/blobs/%s", srv.URL, st.d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.ContentLength != int64(len(blob)) {
+		t.Fatalf("headers before the ingest: status %d, Content-Length %d; want 200 and %d", resp.StatusCode, resp.ContentLength, len(blob))
+	}
+	if _, err := os.Stat(st.path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the ingest exists already (%v): the test proves nothing", err)
+	}
+	if err := os.WriteFile(st.path, blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || !slices.Equal(body, blob) {
+		t.Fatalf("body: %d bytes, %v; want the %d-byte blob", len(body), err, len(blob))
+	}
+}
+
+// TestSizeRecorderRecordsWholeBlobsOnly: the size containerd is told is
+// recorded for a 200, not for a partial answer or an error.
+func TestSizeRecorderRecordsWholeBlobsOnly(t *testing.T) {
+	d := digest.FromString("x")
+	for _, tc := range []struct {
+		code int
+		want int64
+	}{{http.StatusOK, 42}, {http.StatusPartialContent, 0}, {http.StatusNotFound, 0}} {
+		var rc receiving
+		rec := httptest.NewRecorder()
+		w := &sizeRecorder{ResponseWriter: rec, rc: &rc, d: d}
+		w.Header().Set("Content-Length", "42")
+		w.WriteHeader(tc.code)
+		if got := rc.sizeOf(d); got != tc.want {
+			t.Errorf("status %d: recorded size %d, want %d", tc.code, got, tc.want)
+		}
+	}
+}

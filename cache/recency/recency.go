@@ -1,7 +1,9 @@
-// Package recency shares what cache replicas know about when each cached
-// digest was last used, and lets one eviction pass run at a time across
-// them, through Redis. Without it each replica would evict by its own view,
-// and one replica could remove what another is serving.
+// Package recency shares, through Redis, what cache replicas need for
+// eviction: when each cached digest was last used, a lock so that one pass
+// runs at a time, and an inventory of what the storage holds, so that a
+// pass reads Redis instead of listing the object store. Without it each
+// replica would evict by its own view, and one replica could remove what
+// another is serving.
 package recency
 
 import (
