@@ -177,7 +177,6 @@ func (n *Node) serve(w http.ResponseWriter, r *http.Request, fromPeer bool) erro
 		// containerd may be writing what this request brings into its
 		// ingest: peers in a herd may be sent here for it meanwhile.
 		defer n.receivingNow.add(rt.Digest)()
-		w = &sizeRecorder{ResponseWriter: w, rc: &n.receivingNow, d: rt.Digest}
 	}
 	src, err := n.serveFrom(w, r, rt, n.policies[kindOf(rt, fromPeer)])
 	if err != nil && src == "" {

@@ -63,26 +63,6 @@ type receiving struct {
 	mu    sync.Mutex
 	n     map[digest.Digest]int
 	ended map[digest.Digest]time.Time
-	// sizes are the blob sizes this node's answers to containerd announced
-	// (Content-Length of a 200): known before containerd writes a byte.
-	sizes map[digest.Digest]int64
-}
-
-// setSize records d's size, announced to containerd.
-func (rc *receiving) setSize(d digest.Digest, size int64) {
-	rc.mu.Lock()
-	defer rc.mu.Unlock()
-	if rc.sizes == nil {
-		rc.sizes = map[digest.Digest]int64{}
-	}
-	rc.sizes[d] = size
-}
-
-// sizeOf returns d's announced size, or 0.
-func (rc *receiving) sizeOf(d digest.Digest) int64 {
-	rc.mu.Lock()
-	defer rc.mu.Unlock()
-	return rc.sizes[d]
 }
 
 // recentFor is how long after its last request a blob counts as received.
@@ -114,7 +94,6 @@ func (rc *receiving) end(d digest.Digest) {
 	for k, t := range rc.ended {
 		if now.Sub(t) > recentFor {
 			delete(rc.ended, k)
-			delete(rc.sizes, k)
 		}
 	}
 	rc.ended[d] = now
@@ -141,54 +120,6 @@ func (rc *receiving) state(d digest.Digest) (active, recent bool) {
 	t, ok := rc.ended[d]
 	return false, ok && time.Since(t) <= recentFor
 }
-
-// sizeRecorder is the ResponseWriter of containerd's blob GET: when the
-// answer is a whole blob (200), it records the size it announces, so that
-// peers following this node get their headers before containerd has
-// written a byte.
-type sizeRecorder struct {
-	http.ResponseWriter
-	rc    *receiving
-	d     digest.Digest
-	wrote bool
-}
-
-func (s *sizeRecorder) WriteHeader(code int) {
-	if !s.wrote {
-		s.wrote = true
-		if code == http.StatusOK {
-			if n, err := strconv.ParseInt(s.Header().Get("Content-Length"), 10, 64); err == nil && n > 0 {
-				s.rc.setSize(s.d, n)
-			}
-		}
-	}
-	s.ResponseWriter.WriteHeader(code)
-}
-
-func (s *sizeRecorder) Write(p []byte) (int, error) {
-	if !s.wrote {
-		s.WriteHeader(http.StatusOK)
-	}
-	return s.ResponseWriter.Write(p)
-}
-
-// ReadFrom keeps the server's splice path (io.Copy into the connection).
-func (s *sizeRecorder) ReadFrom(r io.Reader) (int64, error) {
-	if !s.wrote {
-		s.WriteHeader(http.StatusOK)
-	}
-	return io.Copy(s.ResponseWriter, r)
-}
-
-// Flush passes a flush on.
-func (s *sizeRecorder) Flush() {
-	if f, ok := s.ResponseWriter.(http.Flusher); ok {
-		f.Flush()
-	}
-}
-
-// Unwrap lets http.ResponseController reach the connection.
-func (s *sizeRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
 // herdID is this node's peer ID for the herd protocol, "" when it cannot
 // take part (no DHT router).
@@ -248,7 +179,6 @@ func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Rou
 		f     *os.File
 		total int64
 		err   error
-		sent  *ingestRange // the headers, once sent
 	)
 	deadline := time.Now().Add(ingestWait)
 	for {
@@ -258,67 +188,36 @@ func (s inflightSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Rou
 		}
 		if !errors.Is(err, store.ErrNotFound) {
 			n.cfg.Logger.WarnContext(ctx, "open ingest", "digest", rt.Digest, "err", err)
-			if sent != nil {
-				n.abort(ctx, rt, sourceInflight, fmt.Errorf("open ingest: %w", err))
-			}
 			return errNoSource
 		}
 		// Committed meanwhile: the local store has it now.
-		if sent == nil {
-			if desc, serr := n.cfg.Store.Stat(ctx, rt.Digest); serr == nil {
-				return n.serveLocal(w, r, rt, desc)
-			}
+		if desc, serr := n.cfg.Store.Stat(ctx, rt.Digest); serr == nil {
+			return n.serveLocal(w, r, rt, desc)
 		}
 		if time.Now().After(deadline) || !n.receivingNow.active(rt.Digest) {
-			if sent != nil {
-				n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd opened no ingest within %s", ingestWait))
-			}
 			return errNoSource
 		}
-		// This node's own answer to containerd has announced the size:
-		// answer the follower now, before containerd writes a byte. Deep in
-		// a chain, each hop would otherwise wait for the one ahead to open
-		// its ingest, and the tail would wait past containerd's 30 s header
-		// timeout.
-		if size := n.receivingNow.sizeOf(rt.Digest); sent == nil && size > 0 {
-			if sent, err = n.ingestHeaders(w, r, rt, size); err != nil || sent == nil {
-				return err
-			}
-			deadline = time.Now().Add(receiverIdle)
-		}
 		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
-			if sent != nil {
-				return fmt.Errorf("%w: %w", errAborted, errClientGone)
-			}
 			return errNoSource
 		}
 	}
 	defer f.Close()
-	if sent != nil {
-		if total > 0 && total != sent.total {
-			n.abort(ctx, rt, sourceInflight, fmt.Errorf("containerd's ingest is %d bytes, %d were announced", total, sent.total))
-		}
-		return n.followIngest(ctx, w, rt, f, *sent)
-	}
 	if total <= 0 {
 		return errNoSource // a size is needed for Content-Length
 	}
 	return n.serveIngest(w, r, rt, f, total)
 }
 
-// ingestRange is what an in-flight answer's headers promised: bytes
-// [start, end) of a blob of total bytes.
-type ingestRange struct {
-	start, end, total int64
-}
-
-// ingestHeaders writes and flushes the headers of an in-flight answer for a
-// blob of total bytes. It returns nil (and no error) for a HEAD, which is
-// answered by the headers alone.
-func (n *Node) ingestHeaders(w http.ResponseWriter, r *http.Request, rt oci.Route, total int64) (*ingestRange, error) {
+// serveIngest serves f, a blob of total bytes that containerd is writing,
+// from the range asked for, waiting for each byte to be written, for as
+// long as this node is fetching the blob. A file that shrinks (containerd
+// started over), or stops growing for IdleTimeout once this node's fetch
+// has ended, aborts the response: the requester resumes elsewhere.
+func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route, f *os.File, total int64) error {
+	ctx := r.Context()
 	br, ranged, err := oci.ParseRange(r.Header.Get("Range"), total)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	start, length := int64(0), total
 	if ranged {
@@ -334,32 +233,14 @@ func (n *Node) ingestHeaders(w http.ResponseWriter, r *http.Request, rt oci.Rout
 	}
 	w.WriteHeader(status)
 	if r.Method == http.MethodHead {
-		return nil, nil
+		return nil
 	}
 	// Send the headers now: deep in a chain the first bytes take a while,
 	// and the peer should know it is being served.
 	if f, ok := w.(http.Flusher); ok {
 		f.Flush()
 	}
-	return &ingestRange{start: start, end: start + length, total: total}, nil
-}
-
-// serveIngest serves f, a blob of total bytes that containerd is writing,
-// from the range asked for, waiting for each byte to be written, for as
-// long as this node is fetching the blob. A file that shrinks (containerd
-// started over), or stops growing for IdleTimeout once this node's fetch
-// has ended, aborts the response: the requester resumes elsewhere.
-func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route, f *os.File, total int64) error {
-	sent, err := n.ingestHeaders(w, r, rt, total)
-	if err != nil || sent == nil {
-		return err
-	}
-	return n.followIngest(r.Context(), w, rt, f, *sent)
-}
-
-// followIngest copies the promised range of f as containerd writes it.
-func (n *Node) followIngest(ctx context.Context, w http.ResponseWriter, rt oci.Route, f *os.File, sent ingestRange) error {
-	pos, end, total := sent.start, sent.end, sent.total
+	pos, end := start, start+length
 	grew := time.Now()
 	tick := time.NewTicker(ingestPoll)
 	defer tick.Stop()

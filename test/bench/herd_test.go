@@ -191,7 +191,10 @@ func BenchmarkHerd(b *testing.B) {
 			}
 			if err != nil {
 				r.failed++
-				logf("  %v", err)
+				logf("  %v", lastLine(err.Error()))
+				if r.failed <= 2 { // what the node saw, for the first two
+					logf("  %s node log tail:\n%s", members[i].name, tail(members[i].node.Log(), 12))
+				}
 			}
 		}
 		r.egress = (metricOf(b, cache.proc, "shoal_cache_served_bytes_total") - egress0) / image
@@ -341,4 +344,17 @@ func startHerdCache(b *testing.B, bin string, h *hub.Hub, ip string, args ...str
 		Bin: bin, ListenIP: ip, Upstreams: []string{h.Host() + "=" + h.URL()}, Args: append([]string{"--log-level", "warn"}, args...),
 	})
 	return herdCache{url: p.URL(), proc: p.Proc}
+}
+
+// lastLine is the last non-empty line of s (ctr's progress output ends with
+// its error).
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
+// tail is the last n lines of s.
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
