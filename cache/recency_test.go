@@ -23,6 +23,18 @@ import (
 	"github.com/shoal-oci/shoal/upstream/budget"
 )
 
+// redisClient is a client of a fresh private Redis.
+func redisClient(t *testing.T) *redis.Client {
+	t.Helper()
+	opts, err := redis.ParseURL(harness.StartRedis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	return rdb
+}
+
 // replica is one cache replica of a test on shared storage and Redis.
 type replica struct {
 	c   *cache.Cache
@@ -69,12 +81,7 @@ func startSharedReplica(t *testing.T, h *hub.Hub, rdb redis.UniversalClient, drv
 // serving; and while A holds the eviction lock, B's pass does nothing.
 func TestEvictionSharesRecencyAcrossReplicas(t *testing.T) {
 	h := hub.Start(t)
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := redisClient(t)
 	ctx := context.Background()
 	storageDir := t.TempDir()
 	clk := &clock{t: time.Now()}
@@ -191,12 +198,7 @@ func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
 // alone, and keeps the blobs a cached manifest references.
 func TestEvictionPassReadsTheSharedInventory(t *testing.T) {
 	h := hub.Start(t)
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := redisClient(t)
 	ctx := context.Background()
 	clk := &clock{t: time.Now()}
 	p, q := harness.RandomLayer(t, 20_000), harness.RandomLayer(t, 20_000)

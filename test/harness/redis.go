@@ -25,10 +25,43 @@ type Redis struct {
 	dir  string
 	port int
 	args []string // more redis-server flags (--replicaof)
+	child
+}
 
+// child is a server process a test started and may stop, pause or start
+// again: its command and a channel closed once it has exited.
+type child struct {
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{}
+}
+
+func (c *child) set(cmd *exec.Cmd, done chan struct{}) {
+	c.mu.Lock()
+	c.cmd, c.done = cmd, done
+	c.mu.Unlock()
+}
+
+// Kill stops the process with SIGKILL (continuing it first, in case it is
+// paused) and waits for it to exit.
+func (c *child) Kill() {
+	c.mu.Lock()
+	cmd, done := c.cmd, c.done
+	c.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGCONT)
+	_ = cmd.Process.Kill()
+	<-done
+}
+
+func (c *child) signal(sig syscall.Signal) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd != nil {
+		_ = c.cmd.Process.Signal(sig)
+	}
 }
 
 // StartRedis starts a private redis-server and returns its URL; see
@@ -62,9 +95,7 @@ func (r *Redis) start(t testing.TB) {
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
-	r.mu.Lock()
-	r.cmd, r.done = cmd, done
-	r.mu.Unlock()
+	r.set(cmd, done)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if err := redisPing(r.Addr); err == nil {
@@ -82,33 +113,12 @@ func (r *Redis) start(t testing.TB) {
 	}
 }
 
-// Kill stops the server with SIGKILL and waits for it to exit.
-func (r *Redis) Kill() {
-	r.mu.Lock()
-	cmd, done := r.cmd, r.done
-	r.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	_ = cmd.Process.Signal(syscall.SIGCONT)
-	_ = cmd.Process.Kill()
-	<-done
-}
-
 // Pause stops the server with SIGSTOP: connections are accepted by the
 // kernel, but nothing answers. Resume undoes it.
 func (r *Redis) Pause() { r.signal(syscall.SIGSTOP) }
 
 // Resume continues a paused server.
 func (r *Redis) Resume() { r.signal(syscall.SIGCONT) }
-
-func (r *Redis) signal(sig syscall.Signal) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.cmd != nil {
-		_ = r.cmd.Process.Signal(sig)
-	}
-}
 
 // Restart starts the server again on the same port (after Kill), empty.
 func (r *Redis) Restart(t testing.TB) {

@@ -11,8 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -30,10 +28,7 @@ type S3 struct {
 	bin  string
 	dir  string
 	args []string
-
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	child
 }
 
 // StartS3 starts SeaweedFS (SHOAL_WEED_BIN, else weed on PATH) with its data
@@ -127,9 +122,7 @@ func (s *S3) start(t testing.TB) {
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); logf.Close(); close(done) }()
-	s.mu.Lock()
-	s.cmd, s.done = cmd, done
-	s.mu.Unlock()
+	s.set(cmd, done)
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
@@ -155,19 +148,6 @@ func (s *S3) start(t testing.TB) {
 func (s *S3) Log() string {
 	b, _ := os.ReadFile(filepath.Join(s.dir, "weed.log"))
 	return string(b)
-}
-
-// Kill stops the server with SIGKILL and waits for it to exit.
-func (s *S3) Kill() {
-	s.mu.Lock()
-	cmd, done := s.cmd, s.done
-	s.mu.Unlock()
-	if cmd == nil {
-		return
-	}
-	_ = cmd.Process.Signal(syscall.SIGCONT)
-	_ = cmd.Process.Kill()
-	<-done
 }
 
 // CacheArgs are the `shoal cache` flags that store in this bucket. The

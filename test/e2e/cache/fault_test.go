@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/shoal-oci/shoal/test/harness"
 	"github.com/shoal-oci/shoal/test/hub"
@@ -25,10 +28,35 @@ func readyz(c *cacheProc) (int, error) {
 // startSharedReplicas starts two cache replicas on one storage directory
 // and the Redis at redisURL.
 func startSharedReplicas(t *testing.T, h *hub.Hub, redisURL string) (r1, r2 *cacheProc) {
+	r1, r2, _ = startSharedReplicasIn(t, h, redisURL)
+	return r1, r2
+}
+
+// startSharedReplicasIn is startSharedReplicas that also returns the
+// storage directory.
+func startSharedReplicasIn(t *testing.T, h *hub.Hub, redisURL string) (r1, r2 *cacheProc, shared string) {
 	t.Helper()
-	shared := filepath.Join(t.TempDir(), "registry")
+	shared = filepath.Join(t.TempDir(), "registry")
 	args := []string{"--storage-opt", "rootdirectory=" + shared, "--redis-url", redisURL}
-	return startCache(t, h, cacheOpts{name: "r1", args: args}), startCache(t, h, cacheOpts{name: "r2", args: args})
+	return startCache(t, h, cacheOpts{name: "r1", args: args}), startCache(t, h, cacheOpts{name: "r2", args: args}), shared
+}
+
+// waitStored waits until every blob of want (but the manifest md) is
+// committed in the filesystem storage at root.
+func waitStored(t *testing.T, root string, want content, md digest.Digest) {
+	t.Helper()
+	eventually(t, 30*time.Second, "blobs committed to storage", func() error {
+		for d := range want {
+			if d == md {
+				continue
+			}
+			p := filepath.Join(root, "docker/registry/v2/blobs", d.Algorithm().String(), d.Encoded()[:2], d.Encoded(), "data")
+			if _, err := os.Stat(p); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // waitRedisUp waits until c reports Redis reachable (up) or not, as
@@ -57,7 +85,7 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 		t.Run(fault, func(t *testing.T) {
 			h := hub.Start(t)
 			rd := harness.StartRedisServer(t)
-			r1, r2 := startSharedReplicas(t, h, rd.URL)
+			r1, r2, shared := startSharedReplicasIn(t, h, rd.URL)
 
 			warm := harness.RandomImage(t, 2, 64<<10)
 			h.Push(t, "library/warm", "v1", warm)
@@ -87,7 +115,7 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 			before := h.Counts()
 			pullAll(t, r2, h, "library/warm", "v1", imageContent(t, warm))
 			cold := harness.RandomImage(t, 2, 256<<10)
-			h.Push(t, "library/cold", "v1", cold)
+			coldMD := h.Push(t, "library/cold", "v1", cold)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			for _, c := range []*cacheProc{r1, r2} {
@@ -98,6 +126,9 @@ func TestRedisFaults_ReplicasStayReadyAndServe(t *testing.T) {
 				if err := imageContent(t, cold).same(got); err != nil {
 					t.Fatalf("cold pull through %s: %v", c.name, err)
 				}
+				// With Redis down no lease tells r2 that r1 is committing:
+				// it finds the blobs once they are in the shared storage.
+				waitStored(t, shared, imageContent(t, cold), coldMD)
 			}
 			after := h.Counts()
 			if d := after.BlobGET - before.BlobGET; d != 3 { // config + 2 layers, once each
