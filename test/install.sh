@@ -53,17 +53,24 @@ gobin containerd "$CONTAINERD_V2" \
   "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_V2" \
   "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_V2"
 
-# containerd 1.7 refuses `go install` because of exclude directives: build through a wrapper module.
-d1=$BIN/containerd-$CONTAINERD_V1
-if [[ ! -x $d1/.done ]]; then
-  log "building containerd $CONTAINERD_V1 (wrapper module)"
+# wrapbuild name version module@version package: builds a main package of a
+# module that `go install` refuses (exclude or replace directives) through a
+# throwaway wrapper module, into $BIN/name-version/name.
+wrapbuild() {
+  local name=$1 ver=$2 mod=$3 pkg=$4 dir=$BIN/$1-$2 w
+  [[ -x $dir/.done ]] && return 0
+  log "building $name $ver (wrapper module)"
   w=$(mktemp -d)
-  (cd "$w" && go mod init shoal-wrap-containerd >/dev/null 2>&1 &&
-    GOFLAGS=-mod=mod go get "github.com/containerd/containerd@$CONTAINERD_V1" >/dev/null 2>&1 &&
-    mkdir -p "$d1" && GOFLAGS=-mod=mod go build -o "$d1/containerd" github.com/containerd/containerd/cmd/containerd)
+  (cd "$w" && go mod init "shoal-wrap-$name" >/dev/null 2>&1 &&
+    GOFLAGS=-mod=mod go get "$mod" >/dev/null 2>&1 &&
+    mkdir -p "$dir" && GOFLAGS=-mod=mod go build -o "$dir/$name" "$pkg")
   rm -rf "$w"
-  touch "$d1/.done"; chmod +x "$d1/.done"
-fi
+  touch "$dir/.done"; chmod +x "$dir/.done"
+}
+
+# containerd 1.7 refuses `go install` because of exclude directives.
+d1=$BIN/containerd-$CONTAINERD_V1
+wrapbuild containerd "$CONTAINERD_V1" "github.com/containerd/containerd@$CONTAINERD_V1" github.com/containerd/containerd/cmd/containerd
 
 gobin crane "$CRANE_V" "github.com/google/go-containerregistry/cmd/crane@$CRANE_V"
 gobin oras "$ORAS_V" "oras.land/oras/cmd/oras@$ORAS_V"
@@ -83,15 +90,7 @@ fi
 gobin helm "$HELM_V" "helm.sh/helm/v3/cmd/helm@$HELM_V"
 
 de=$BIN/etcd-$ETCD_V
-if [[ ! -x $de/.done ]]; then
-  log "building etcd $ETCD_V (wrapper module)"
-  w=$(mktemp -d)
-  (cd "$w" && go mod init shoal-wrap-etcd >/dev/null 2>&1 &&
-    GOFLAGS=-mod=mod go get "go.etcd.io/etcd/server/v3@$ETCD_V" >/dev/null 2>&1 &&
-    mkdir -p "$de" && GOFLAGS=-mod=mod go build -o "$de/etcd" go.etcd.io/etcd/server/v3)
-  rm -rf "$w"
-  touch "$de/.done"; chmod +x "$de/.done"
-fi
+wrapbuild etcd "$ETCD_V" "go.etcd.io/etcd/server/v3@$ETCD_V" go.etcd.io/etcd/server/v3
 
 dk=$BIN/kube-apiserver-$KUBE_V
 if [[ ! -x $dk/.done ]]; then
@@ -123,15 +122,7 @@ fi
 
 # A real S3-compatible object store for the cache tier's replicas (~6 min cold).
 dw=$BIN/weed-$WEED_V
-if [[ ! -x $dw/.done ]]; then
-  log "building SeaweedFS weed $WEED_V (wrapper module, ~6 min cold)"
-  w=$(mktemp -d)
-  (cd "$w" && go mod init shoal-wrap-weed >/dev/null 2>&1 &&
-    GOFLAGS=-mod=mod go get "github.com/seaweedfs/seaweedfs@$WEED_V" >/dev/null 2>&1 &&
-    mkdir -p "$dw" && GOFLAGS=-mod=mod go build -o "$dw/weed" github.com/seaweedfs/seaweedfs/weed)
-  rm -rf "$w"
-  touch "$dw/.done"; chmod +x "$dw/.done"
-fi
+wrapbuild weed "$WEED_V" "github.com/seaweedfs/seaweedfs@$WEED_V" github.com/seaweedfs/seaweedfs/weed
 
 # The environment the tests read (printed for `eval`).
 cat <<ENV
