@@ -468,13 +468,11 @@ func (n *Node) relayBlob(w http.ResponseWriter, r *http.Request, rt oci.Route, t
 		return n.relayStriped(w, r, rt, t, rest, resume, a, s, status, label)
 	}
 	w.WriteHeader(status)
-	if t.receiving {
-		// Send the headers now, not with the first body bytes: deep in a
-		// herd's chain the first bytes take a hop per node ahead, and
-		// containerd gives up on headers after 30 s.
-		if f, ok := w.(http.Flusher); ok {
-			f.Flush()
-		}
+	// Send the headers now, not with the first body bytes: a source's first
+	// bytes may take long (deep in a herd's chain, a hop per node ahead), and
+	// containerd gives up on headers after 30 s.
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
 	}
 
 	var hasher hash.Hash

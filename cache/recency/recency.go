@@ -119,6 +119,7 @@ func (r *Redis) Flush(ctx context.Context) error {
 	return r.flushUses(ctx)
 }
 
+// flushUses writes the buffered uses (Flush has checked that Redis is up).
 func (r *Redis) flushUses(ctx context.Context) error {
 	r.mu.Lock()
 	batch := r.pending
@@ -126,10 +127,6 @@ func (r *Redis) flushUses(ctx context.Context) error {
 	r.mu.Unlock()
 	if len(batch) == 0 {
 		return nil
-	}
-	if !r.up() {
-		r.requeue(batch)
-		return fmt.Errorf("recency: redis down")
 	}
 	args := make([]any, 0, 2*len(batch))
 	for d, t := range batch {

@@ -18,11 +18,8 @@ func s3Replicas(t *testing.T, h *hub.Hub, s3 *harness.S3, redisURL string, prefi
 	t.Helper()
 	var rs []*cacheProc
 	for i := range n {
-		c := harness.StartShoalCache(t, harness.CacheOptions{
-			Bin: requireShoal(t), Name: fmt.Sprintf("%s%d", prefix, i), Upstreams: []string{"docker.io=" + h.URL()},
-			Args: append(s3.CacheArgs(), "--redis-url", redisURL), Env: s3.CacheEnv(),
-		})
-		rs = append(rs, &cacheProc{ShoalCache: c, name: c.Name, addr: c.Addr, metricsAddr: c.MetricsAddr, dataDir: c.DataDir, logPath: c.LogPath})
+		rs = append(rs, startCache(t, h, cacheOpts{name: fmt.Sprintf("%s%d", prefix, i), upstreams: []string{"docker.io=" + h.URL()},
+			args: append(s3.CacheArgs(), "--redis-url", redisURL), env: s3.CacheEnv()}))
 	}
 	return rs
 }
