@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/cache/herd"
 	"github.com/shoal-oci/shoal/upstream"
 )
 
@@ -99,7 +100,7 @@ type Herd interface {
 	// Join returns the receivers to send node to, or none and a done func
 	// to call with the bytes sent when the cache tier serves it. force:
 	// the node's receivers could not serve it.
-	Join(key, node string, force bool) (receivers []string, done func(sent int64))
+	Join(key string, node herd.Member, force bool) (receivers []herd.Member, done func(sent int64))
 }
 
 // Cache is the pull-through cache. It implements http.Handler.

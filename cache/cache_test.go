@@ -360,13 +360,18 @@ func TestHerdRedirects(t *testing.T) {
 	ld, _ := layers[0].Digest()
 	path := "/v2/library/app/blobs/" + ld.String()
 
-	resp, body := f.get(t, "GET", path, oci.HerdPeerHeader, "QmFirst")
+	resp, body := f.get(t, "GET", path, oci.HerdPeerHeader, "QmFirst", oci.HerdAddrsHeader, "/ip4/10.0.0.1/tcp/5001, /ip4/10.0.0.1/tcp/5001/p2p/QmFirst,bad addr,/x y")
 	if resp.StatusCode != 200 || len(body) == 0 {
 		t.Fatalf("first node: %d", resp.StatusCode)
 	}
 	resp, body = f.get(t, "GET", path, oci.HerdPeerHeader, "QmSecond")
 	if resp.StatusCode != oci.HerdRedirectStatus || resp.Header.Get(oci.HerdReceiversHeader) != "QmFirst" || errCode(body) != string(oci.CodeUnavailable) {
 		t.Fatalf("second node: %d %q %s", resp.StatusCode, resp.Header.Get(oci.HerdReceiversHeader), body)
+	}
+	// The first node's valid addresses, once each, naming it; the rest
+	// dropped.
+	if got, want := resp.Header.Get(oci.HerdReceiverAddrsHeader), "/ip4/10.0.0.1/tcp/5001/p2p/QmFirst"; got != want {
+		t.Fatalf("second node told addresses %q, want %q", got, want)
 	}
 	resp, _ = f.get(t, "GET", path, oci.HerdPeerHeader, "QmThird", "Range", "bytes=10-")
 	if resp.StatusCode != oci.HerdRedirectStatus || resp.Header.Get(oci.HerdReceiversHeader) != "QmSecond,QmFirst" {

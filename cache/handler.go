@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-oci/shoal/cache/flight"
+	"github.com/shoal-oci/shoal/cache/herd"
 	"github.com/shoal-oci/shoal/oci"
 	"github.com/shoal-oci/shoal/upstream"
 	"github.com/shoal-oci/shoal/upstream/budget"
@@ -387,9 +388,20 @@ func (c *Cache) serveBlob(w http.ResponseWriter, r *http.Request, q req) (string
 		// without it is a chunk of containerd's chunked fetch, which the
 		// node's receivers serve as well as the whole blob.
 		force := r.Header.Get(oci.HerdDirectHeader) != ""
-		receivers, done := c.cfg.Herd.Join(q.Digest.String(), node, force)
+		me := herd.Member{ID: node, Addrs: strings.Join(oci.HerdAddrs(r.Header.Get(oci.HerdAddrsHeader)), ",")}
+		receivers, done := c.cfg.Herd.Join(q.Digest.String(), me, force)
 		if len(receivers) > 0 {
-			w.Header().Set(oci.HerdReceiversHeader, strings.Join(receivers, ","))
+			ids, addrs := make([]string, len(receivers)), []string(nil)
+			for i, m := range receivers {
+				ids[i] = m.ID
+				for _, a := range oci.HerdAddrs(m.Addrs) {
+					addrs = append(addrs, a+"/p2p/"+m.ID)
+				}
+			}
+			w.Header().Set(oci.HerdReceiversHeader, strings.Join(ids, ","))
+			if len(addrs) > 0 {
+				w.Header().Set(oci.HerdReceiverAddrsHeader, strings.Join(addrs, ","))
+			}
 			oci.WriteError(w, r, oci.Errorf(oci.HerdRedirectStatus, oci.CodeUnavailable, "blob %s: ask the nodes receiving it", q.Digest))
 			return resultRedirected, nil
 		}

@@ -46,11 +46,13 @@ type ingestOpener interface {
 	OpenIngest(ctx context.Context, d digest.Digest) (*os.File, int64, error)
 }
 
-// herdRouter is what a Router may also do for herds: name this node, and
-// find a peer by the ID the cache tier gave.
+// herdRouter is what a Router may also do for herds: name this node and
+// the addresses it can be dialled at, and find a peer by the ID (and the
+// addresses, hints to dial first) the cache tier gave.
 type herdRouter interface {
 	ID() string
-	Peer(ctx context.Context, id string) (routing.Peer, error)
+	DialAddrs() []string
+	Peer(ctx context.Context, id string, addrs []string) (routing.Peer, error)
 }
 
 // receiving counts this node's containerd's requests in progress per blob:
@@ -128,6 +130,16 @@ func (n *Node) herdID() string {
 		return hr.ID()
 	}
 	return ""
+}
+
+// herdAddrs is the HerdAddrsHeader value of this node's herd requests.
+func (n *Node) herdAddrs() string {
+	hr, ok := n.cfg.Router.(herdRouter)
+	if !ok {
+		return ""
+	}
+	addrs := hr.DialAddrs()
+	return strings.Join(addrs[:min(len(addrs), oci.MaxHerdAddrs)], ",")
 }
 
 // inflightSource serves a peer a blob this node's containerd is still
@@ -279,43 +291,64 @@ func (n *Node) serveIngest(w http.ResponseWriter, r *http.Request, rt oci.Route,
 	return nil
 }
 
-// receiversOf returns the peer IDs of a cache tier's herd redirect, or nil
-// when err is none.
-func receiversOf(err error) []string {
+// receiver is a node the cache tier named as receiving a blob: its peer ID
+// and the addresses it gave the cache tier, each ending in /p2p/<id>.
+type receiver struct {
+	id    string
+	addrs []string
+}
+
+// receiversOf returns the receivers of a cache tier's herd redirect, at
+// most 8, or nil when err is none.
+func receiversOf(err error) []receiver {
 	var oe *oci.Error
 	if !errors.As(err, &oe) || oe.Status != oci.HerdRedirectStatus || oe.Header == nil {
 		return nil
 	}
-	var ids []string
+	var rs []receiver
 	for _, id := range strings.Split(oe.Header.Get(oci.HerdReceiversHeader), ",") {
-		if id = strings.TrimSpace(id); oci.ValidPeerID(id) && len(ids) < 8 {
-			ids = append(ids, id)
+		if id = strings.TrimSpace(id); oci.ValidPeerID(id) && len(rs) < 8 {
+			rs = append(rs, receiver{id: id})
 		}
 	}
-	return ids
+	// Each address names its peer; one that names no receiver is dropped.
+	for _, a := range strings.Split(oe.Header.Get(oci.HerdReceiverAddrsHeader), ",") {
+		a = strings.TrimSpace(a)
+		i := strings.LastIndex(a, "/p2p/")
+		if i < 0 || len(oci.HerdAddrs(a[:i])) != 1 {
+			continue
+		}
+		for j := range rs {
+			if rs[j].id == a[i+len("/p2p/"):] && len(rs[j].addrs) < oci.MaxHerdAddrs {
+				rs[j].addrs = append(rs[j].addrs, a)
+			}
+		}
+	}
+	return rs
 }
 
 // relayReceivers serves rt from the nodes the cache tier named as receiving
 // it, nearest the source first, and from the cache tier itself (asked to
 // serve, not redirect) when none of them can: before the first byte, or to
 // resume after a receiver broke mid-stream.
-func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Route, ids []string) error {
+func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Route, rs []receiver) error {
 	direct := n.directCacheTargets()
 	hr, _ := n.cfg.Router.(herdRouter)
 	var targets []target
 	if hr != nil {
 		// Skipping the nearest receiver makes the next one ahead serve two
-		// nodes at half the rate each: give a dial and identify time.
+		// nodes at half the rate each: give a dial and identify time. With
+		// the addresses the cache tier passed on, no DHT lookup is needed.
 		ctx, cancel := context.WithTimeout(r.Context(), max(n.cfg.LookupTimeout, receiverResolveTimeout))
-		peers := make([]*routing.Peer, len(ids))
+		peers := make([]*routing.Peer, len(rs))
 		var wg sync.WaitGroup
-		for i, id := range ids {
+		for i, rc := range rs {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				p, err := hr.Peer(ctx, id)
+				p, err := hr.Peer(ctx, rc.id, rc.addrs)
 				if err != nil {
-					n.cfg.Logger.InfoContext(r.Context(), "receiver not reachable", "digest", rt.Digest, "peer", id, "err", err)
+					n.cfg.Logger.InfoContext(r.Context(), "receiver not reachable", "digest", rt.Digest, "peer", rc.id, "addrs", len(rc.addrs), "err", err)
 					return
 				}
 				peers[i] = &p
@@ -331,7 +364,7 @@ func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Rou
 	}
 	err := n.relay(w, r, rt, targets, direct, sourceReceiver)
 	if errors.Is(err, errNoSource) {
-		n.cfg.Logger.InfoContext(r.Context(), "no receiver could serve, asking the cache tier to", "digest", rt.Digest, "receivers", len(ids), "reachable", len(targets))
+		n.cfg.Logger.InfoContext(r.Context(), "no receiver could serve, asking the cache tier to", "digest", rt.Digest, "receivers", len(rs), "reachable", len(targets))
 		err = n.relay(w, r, rt, direct, nil, sourceCache)
 	}
 	return err

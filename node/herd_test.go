@@ -177,22 +177,37 @@ func TestInflightAbortsWhenTheIngestShrinksOrStalls(t *testing.T) {
 }
 
 // TestReceiversOf: only a herd redirect yields receivers, and only valid
-// peer IDs, at most 8.
+// peer IDs, at most 8; each keeps the addresses that name it, and no
+// address that names another peer or is no multiaddr.
 func TestReceiversOf(t *testing.T) {
-	redirect := func(v string) error {
+	redirect := func(ids, addrs string) error {
 		e := oci.Errorf(oci.HerdRedirectStatus, oci.CodeUnavailable, "x")
 		e.Header = http.Header{}
-		e.Header.Set(oci.HerdReceiversHeader, v)
+		e.Header.Set(oci.HerdReceiversHeader, ids)
+		if addrs != "" {
+			e.Header.Set(oci.HerdReceiverAddrsHeader, addrs)
+		}
 		return e
 	}
-	if ids := receiversOf(redirect("QmA, 12D3KooWB ,bad/id,,QmC")); !slices.Equal(ids, []string{"QmA", "12D3KooWB", "QmC"}) {
-		t.Fatalf("receivers %v", ids)
+	idsOf := func(rs []receiver) []string {
+		var ids []string
+		for _, r := range rs {
+			ids = append(ids, r.id)
+		}
+		return ids
 	}
-	if ids := receiversOf(redirect("a,b,c,d,e,f,g,h,i,j")); len(ids) != 8 {
-		t.Fatalf("%d receivers, want 8 at most", len(ids))
+	if rs := receiversOf(redirect("QmA, 12D3KooWB ,bad/id,,QmC", "")); !slices.Equal(idsOf(rs), []string{"QmA", "12D3KooWB", "QmC"}) {
+		t.Fatalf("receivers %v", rs)
 	}
-	if ids := receiversOf(oci.ErrBlobUnknown); ids != nil {
-		t.Fatalf("a 404 gave receivers %v", ids)
+	if rs := receiversOf(redirect("a,b,c,d,e,f,g,h,i,j", "")); len(rs) != 8 {
+		t.Fatalf("%d receivers, want 8 at most", len(rs))
+	}
+	if rs := receiversOf(oci.ErrBlobUnknown); rs != nil {
+		t.Fatalf("a 404 gave receivers %v", rs)
+	}
+	rs := receiversOf(redirect("QmA,QmB", "/ip4/10.0.0.1/tcp/5001/p2p/QmA, /ip4/10.0.0.2/tcp/5001/p2p/QmB,/ip4/10.0.0.3/tcp/5001/p2p/QmZ,/ip4/10.0.0.4/tcp/5001,/ip4/1 0/p2p/QmA"))
+	if len(rs) != 2 || !slices.Equal(rs[0].addrs, []string{"/ip4/10.0.0.1/tcp/5001/p2p/QmA"}) || !slices.Equal(rs[1].addrs, []string{"/ip4/10.0.0.2/tcp/5001/p2p/QmB"}) {
+		t.Fatalf("receivers with addresses %+v", rs)
 	}
 }
 

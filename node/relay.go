@@ -259,6 +259,9 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 		n.cfg.PeerKey.Sign(req, time.Now())
 	} else if id := n.herdID(); id != "" && rt.Kind == oci.KindBlob && method == http.MethodGet {
 		req.Header.Set(oci.HerdPeerHeader, id)
+		if addrs := n.herdAddrs(); addrs != "" {
+			req.Header.Set(oci.HerdAddrsHeader, addrs)
+		}
 		if t.direct {
 			req.Header.Set(oci.HerdDirectHeader, "1")
 		}

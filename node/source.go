@@ -184,8 +184,8 @@ func (cacheSource) name() string { return sourceCache }
 
 func (s cacheSource) serve(w http.ResponseWriter, r *http.Request, rt oci.Route) error {
 	err := s.n.relay(w, r, rt, s.n.cacheTargets(), nil, sourceCache)
-	if ids := receiversOf(err); ids != nil {
-		err = s.n.relayReceivers(w, r, rt, ids)
+	if rs := receiversOf(err); rs != nil {
+		err = s.n.relayReceivers(w, r, rt, rs)
 	}
 	if errors.Is(err, errNoSource) {
 		return unknown(rt)

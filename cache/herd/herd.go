@@ -85,6 +85,7 @@ type herd struct {
 type member struct {
 	parent *member
 	id     string
+	addrs  string
 	depth  int
 	direct bool
 }
@@ -99,11 +100,19 @@ func New(cfg Config) (*Tracker, error) {
 	return &Tracker{cfg: cfg, metrics: m, herds: make(map[string]*herd)}, nil
 }
 
+// Member is a node in a herd: its peer ID and the addresses it can be
+// dialled at, as the node gave them (oci.HerdAddrsHeader), so that the
+// nodes sent to it need not look it up.
+type Member struct {
+	ID    string
+	Addrs string
+}
+
 // Join is node's request for the blob key. force says the node's receivers
 // could not serve it (or it asks for a range to resume). When receivers is
 // empty the cache tier serves the node and calls done with the bytes it
 // sent; otherwise it tells the node to ask receivers, and done is nil.
-func (t *Tracker) Join(key, node string, force bool) (receivers []string, done func(sent int64)) {
+func (t *Tracker) Join(key string, node Member, force bool) (receivers []Member, done func(sent int64)) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.cfg.Now()
@@ -118,7 +127,10 @@ func (t *Tracker) Join(key, node string, force bool) (receivers []string, done f
 		t.herds[key] = h
 	}
 	h.last = now
-	m := h.members[node]
+	m := h.members[node.ID]
+	if m != nil && node.Addrs != "" {
+		m.addrs = node.Addrs
+	}
 	switch {
 	case m != nil && !m.direct && !force:
 		// Asked again (another chunk, a retry): the same receivers.
@@ -129,8 +141,8 @@ func (t *Tracker) Join(key, node string, force bool) (receivers []string, done f
 		t.metrics.requests.WithLabelValues("redirected").Inc()
 		return m.ancestors(t.cfg.MaxReceivers), nil
 	case m == nil:
-		m = &member{id: node, direct: true}
-		h.members[node] = m
+		m = &member{id: node.ID, addrs: node.Addrs, direct: true}
+		h.members[node.ID] = m
 		h.roots++
 		h.tails = append([]*member{m}, h.tails...)
 	}
@@ -154,10 +166,10 @@ func (t *Tracker) Join(key, node string, force bool) (receivers []string, done f
 }
 
 // chain adds node behind the shallowest tail and returns it.
-func (h *herd) chain(node string) *member {
+func (h *herd) chain(node Member) *member {
 	parent := h.tails[0]
-	m := &member{id: node, parent: parent, depth: parent.depth + 1}
-	h.members[node] = m
+	m := &member{id: node.ID, addrs: node.Addrs, parent: parent, depth: parent.depth + 1}
+	h.members[node.ID] = m
 	// parent is no longer a tail; m is, at depth+1: keep tails sorted.
 	h.tails = h.tails[1:]
 	i := len(h.tails)
@@ -172,10 +184,10 @@ func (h *herd) chain(node string) *member {
 
 // ancestors is the chain ahead of m, nearest first: the nodes that have
 // more of the blob than m, so m never waits on its own followers.
-func (m *member) ancestors(max int) []string {
-	var out []string
+func (m *member) ancestors(max int) []Member {
+	var out []Member
 	for p := m.parent; p != nil && len(out) < max; p = p.parent {
-		out = append(out, p.id)
+		out = append(out, Member{ID: p.id, Addrs: p.addrs})
 	}
 	return out
 }

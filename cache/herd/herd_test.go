@@ -11,6 +11,21 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
+// joiner is a Tracker or a Shared.
+type joiner interface {
+	Join(key string, node Member, force bool) ([]Member, func(int64))
+}
+
+// join joins node, with no addresses, and returns the receivers' IDs.
+func join(j joiner, key, node string, force bool) ([]string, func(int64)) {
+	rs, done := j.Join(key, Member{ID: node}, force)
+	var ids []string
+	for _, m := range rs {
+		ids = append(ids, m.ID)
+	}
+	return ids, done
+}
+
 type clock struct{ t time.Time }
 
 func (c *clock) now() time.Time { return c.t }
@@ -36,7 +51,7 @@ func TestHerdChains(t *testing.T) {
 	depth := map[string]int{}
 	for i := range 32 {
 		id := fmt.Sprintf("n%02d", i)
-		rs, done := tr.Join("blob:a", id, false)
+		rs, done := join(tr, "blob:a", id, false)
 		if len(rs) == 0 {
 			served++
 			depth[id] = 0
@@ -86,20 +101,20 @@ func mapValues(m map[string]int) []int {
 // receivers; one that forces is served, and counts as a copy.
 func TestHerdAskAgain(t *testing.T) {
 	tr, _, _ := newTracker(t, 1)
-	_, done := tr.Join("k", "root", false)
-	first, _ := tr.Join("k", "b", false)
-	again, _ := tr.Join("k", "b", false)
+	_, done := join(tr, "k", "root", false)
+	first, _ := join(tr, "k", "b", false)
+	again, _ := join(tr, "k", "b", false)
 	if !slices.Equal(first, []string{"root"}) || !slices.Equal(again, first) {
 		t.Fatalf("b told %v, then %v; want [root] twice", first, again)
 	}
-	rs, forced := tr.Join("k", "b", true)
+	rs, forced := join(tr, "k", "b", true)
 	if len(rs) != 0 || forced == nil {
 		t.Fatalf("forced request redirected to %v", rs)
 	}
 	forced(10)
 	done(10)
 	// The root asking again (another chunk) is served again.
-	if rs, d := tr.Join("k", "root", false); len(rs) != 0 || d == nil {
+	if rs, d := join(tr, "k", "root", false); len(rs) != 0 || d == nil {
 		t.Fatalf("root asking again redirected to %v", rs)
 	}
 }
@@ -109,16 +124,16 @@ func TestHerdAskAgain(t *testing.T) {
 // starts with direct nodes again.
 func TestHerdEnds(t *testing.T) {
 	tr, c, reg := newTracker(t, 1)
-	_, done := tr.Join("k", "a", false)
-	tr.Join("k", "b", false)
+	_, done := join(tr, "k", "a", false)
+	join(tr, "k", "b", false)
 	c.t = c.t.Add(2 * time.Minute)
-	tr.Join("other", "x", false) // sweeps; "k" still has a direct stream
+	join(tr, "other", "x", false) // sweeps; "k" still has a direct stream
 	if _, ok := tr.herds["k"]; !ok {
 		t.Fatal("herd dropped while its direct stream runs")
 	}
 	done(4096)
 	c.t = c.t.Add(2 * time.Minute)
-	if rs, _ := tr.Join("k", "c", false); len(rs) != 0 {
+	if rs, _ := join(tr, "k", "c", false); len(rs) != 0 {
 		t.Fatalf("c joined an ended herd: told %v", rs)
 	}
 	want := `
@@ -153,14 +168,14 @@ func TestHerdBounds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr.Join("a", "n0", false)
-	tr.Join("b", "n0", false)
-	if rs, d := tr.Join("c", "n0", false); len(rs) != 0 || d == nil {
+	join(tr, "a", "n0", false)
+	join(tr, "b", "n0", false)
+	if rs, d := join(tr, "c", "n0", false); len(rs) != 0 || d == nil {
 		t.Fatal("a third herd was tracked past MaxHerds")
 	}
-	tr.Join("a", "n1", false)
-	tr.Join("a", "n2", false)
-	if rs, d := tr.Join("a", "n3", false); len(rs) != 0 || d == nil {
+	join(tr, "a", "n1", false)
+	join(tr, "a", "n2", false)
+	if rs, d := join(tr, "a", "n3", false); len(rs) != 0 || d == nil {
 		t.Fatalf("n3 redirected to %v past MaxMembers", rs)
 	}
 }

@@ -41,21 +41,24 @@ func NewShared(c redis.UniversalClient, prefix string, local *Tracker, health He
 	return &Shared{c: c, prefix: prefix, local: local, health: health, log: log, join: redis.NewScript(joinScript)}
 }
 
-// joinScript is Tracker.Join on a Redis hash (KEYS[1]: "roots", "members"
-// and "m:<node>" = "<parent>|<depth>|<d or c>") and a sorted set of the
-// tails by depth (KEYS[2]). ARGV: node, force, direct, max members, max
-// receivers, linger in ms. It returns the decision and the receivers.
+// joinScript is Tracker.Join on a Redis hash (KEYS[1]: "roots", "members",
+// "m:<node>" = "<parent>|<depth>|<d or c>" and "a:<node>" = its addresses)
+// and a sorted set of the tails by depth (KEYS[2]). ARGV: node, force,
+// direct, max members, max receivers, linger in ms, the node's addresses.
+// It returns the decision, then each receiver's ID and addresses.
 const joinScript = `
 local h, tails = KEYS[1], KEYS[2]
 local node, force = ARGV[1], ARGV[2] == "1"
 local direct, maxm, maxr, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[7] ~= "" then redis.call("HSET", h, "a:" .. node, ARGV[7]) end
 local function ancestors(id)
   local out = {"redirected"}
   local cur = redis.call("HGET", h, "m:" .. id)
-  while cur and #out <= maxr do
+  while cur and #out <= 2 * maxr do
     local parent = string.match(cur, "^([^|]*)|")
     if parent == nil or parent == "" then break end
     table.insert(out, parent)
+    table.insert(out, redis.call("HGET", h, "a:" .. parent) or "")
     cur = redis.call("HGET", h, "m:" .. parent)
   end
   return out
@@ -89,7 +92,7 @@ return result
 `
 
 // Join is Tracker.Join on the herds all replicas share.
-func (s *Shared) Join(key, node string, force bool) (receivers []string, done func(sent int64)) {
+func (s *Shared) Join(key string, node Member, force bool) (receivers []Member, done func(sent int64)) {
 	if s.health != nil && !s.health.Up() {
 		return s.local.Join(key, node, force)
 	}
@@ -101,7 +104,7 @@ func (s *Shared) Join(key, node string, force bool) (receivers []string, done fu
 	if force {
 		f = "1"
 	}
-	res, err := s.join.Run(ctx, s.c, []string{hk, tk}, node, f, cfg.Direct, cfg.MaxMembers, cfg.MaxReceivers, cfg.Linger.Milliseconds()).StringSlice()
+	res, err := s.join.Run(ctx, s.c, []string{hk, tk}, node.ID, f, cfg.Direct, cfg.MaxMembers, cfg.MaxReceivers, cfg.Linger.Milliseconds(), node.Addrs).StringSlice()
 	if err != nil || len(res) == 0 {
 		if s.health != nil && err != nil {
 			s.health.Report(err)
@@ -111,7 +114,12 @@ func (s *Shared) Join(key, node string, force bool) (receivers []string, done fu
 	}
 	s.local.metrics.requests.WithLabelValues(res[0]).Inc()
 	if res[0] == "redirected" {
-		return res[1:], nil
+		for i := 1; i+1 < len(res); i += 2 {
+			receivers = append(receivers, Member{ID: res[i], Addrs: res[i+1]})
+		}
+		if len(receivers) > 0 {
+			return receivers, nil
+		}
 	}
 	// A direct stream keeps its herd alive while it runs, however long.
 	stop := make(chan struct{})

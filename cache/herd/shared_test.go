@@ -32,24 +32,24 @@ func TestSharedHerdSpansReplicas(t *testing.T) {
 	tb, _, _ := newTracker(t, 1)
 	a, b := NewShared(rdb, "t:herd:", ta, nil, nil), NewShared(rdb, "t:herd:", tb, nil, nil)
 
-	rs, done := a.Join("sha256:x", "n0", false)
+	rs, done := join(a, "sha256:x", "n0", false)
 	if len(rs) != 0 || done == nil {
 		t.Fatalf("first node: receivers %v, want served", rs)
 	}
 	defer done(1)
-	if rs, _ := b.Join("sha256:x", "n1", false); !slices.Equal(rs, []string{"n0"}) {
+	if rs, _ := join(b, "sha256:x", "n1", false); !slices.Equal(rs, []string{"n0"}) {
 		t.Fatalf("second node on the other replica: receivers %v, want [n0]", rs)
 	}
-	if rs, _ := a.Join("sha256:x", "n2", false); !slices.Equal(rs, []string{"n1", "n0"}) {
+	if rs, _ := join(a, "sha256:x", "n2", false); !slices.Equal(rs, []string{"n1", "n0"}) {
 		t.Fatalf("third node: receivers %v, want [n1 n0]", rs)
 	}
-	if rs, _ := b.Join("sha256:x", "n1", false); !slices.Equal(rs, []string{"n0"}) {
+	if rs, _ := join(b, "sha256:x", "n1", false); !slices.Equal(rs, []string{"n0"}) {
 		t.Fatalf("second node asking again: receivers %v, want the same [n0]", rs)
 	}
-	if rs, d := b.Join("sha256:x", "n2", true); len(rs) != 0 || d == nil {
+	if rs, d := join(b, "sha256:x", "n2", true); len(rs) != 0 || d == nil {
 		t.Fatalf("forced node: receivers %v, want served", rs)
 	}
-	if rs, _ := b.Join("sha256:y", "n5", false); len(rs) != 0 {
+	if rs, _ := join(b, "sha256:y", "n5", false); len(rs) != 0 {
 		t.Fatalf("another blob: receivers %v, want served (its own herd)", rs)
 	}
 	if v := testutil.ToFloat64(tb.metrics.requests.WithLabelValues("redirected")); v != 2 {
@@ -59,10 +59,10 @@ func TestSharedHerdSpansReplicas(t *testing.T) {
 	// Redis down: each replica alone. B has seen no herd for z, so it serves.
 	h := &downHealth{}
 	down := NewShared(rdb, "t:herd:", tb, h, nil)
-	if _, d := a.Join("sha256:z", "n0", false); d == nil {
+	if _, d := join(a, "sha256:z", "n0", false); d == nil {
 		t.Fatal("first node of z not served")
 	}
-	if rs, d := down.Join("sha256:z", "n1", false); len(rs) != 0 || d == nil {
+	if rs, d := join(down, "sha256:z", "n1", false); len(rs) != 0 || d == nil {
 		t.Fatalf("with Redis down: receivers %v, want served by this replica", rs)
 	}
 	// A Redis that stops answering: the script fails and the replica
@@ -71,7 +71,7 @@ func TestSharedHerdSpansReplicas(t *testing.T) {
 	t.Cleanup(func() { _ = broken.Close() })
 	h2 := &downHealth{}
 	up := NewShared(broken, "t:herd:", tb, &upThenReport{h: h2}, nil)
-	if rs, d := up.Join("sha256:w", "n9", false); len(rs) != 0 || d == nil {
+	if rs, d := join(up, "sha256:w", "n9", false); len(rs) != 0 || d == nil {
 		t.Fatalf("with Redis unreachable: receivers %v, want served", rs)
 	}
 	if h2.reported == nil || errors.Is(h2.reported, redis.Nil) {
@@ -84,3 +84,32 @@ type upThenReport struct{ h *downHealth }
 
 func (u *upThenReport) Up() bool         { return true }
 func (u *upThenReport) Report(err error) { u.h.Report(err) }
+
+// TestHerdPassesAddresses: a redirected node is told each receiver's
+// addresses as the receiver last gave them, by the local tracker and by
+// the shared one alike.
+func TestHerdPassesAddresses(t *testing.T) {
+	opts, err := redis.ParseURL(harness.StartRedis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	local, _, _ := newTracker(t, 1)
+	other, _, _ := newTracker(t, 1)
+	for name, j := range map[string]joiner{"local": local, "shared": NewShared(rdb, "t:addrs:", other, nil, nil)} {
+		t.Run(name, func(t *testing.T) {
+			a0, a1 := "/ip4/10.0.0.1/tcp/5001", "/ip4/10.0.0.2/tcp/5001,/ip6/fd00::2/tcp/5001"
+			if rs, done := j.Join("k", Member{ID: "n0", Addrs: a0}, false); len(rs) != 0 || done == nil {
+				t.Fatalf("n0: %v, want served", rs)
+			}
+			if rs, _ := j.Join("k", Member{ID: "n1"}, false); !slices.Equal(rs, []Member{{ID: "n0", Addrs: a0}}) {
+				t.Fatalf("n1 told %+v", rs)
+			}
+			j.Join("k", Member{ID: "n1", Addrs: a1}, false) // n1 asks again, now with addresses
+			if rs, _ := j.Join("k", Member{ID: "n2"}, false); !slices.Equal(rs, []Member{{ID: "n1", Addrs: a1}, {ID: "n0", Addrs: a0}}) {
+				t.Fatalf("n2 told %+v", rs)
+			}
+		})
+	}
+}

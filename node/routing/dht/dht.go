@@ -50,6 +50,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/pnet"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
@@ -415,8 +416,11 @@ func (r *Router) ID() string { return r.host.ID().String() }
 
 // Peer returns the peer with ID id as a relay target, dialling it (within
 // the dial timeout) when this node is not connected to it. The cache tier
-// names peers by ID when it sends a node to others receiving a blob.
-func (r *Router) Peer(ctx context.Context, id string) (routing.Peer, error) {
+// names peers by ID when it sends a node to others receiving a blob, with
+// the addresses they gave it: multiaddrs ending in /p2p/<id>, hints that
+// spare a DHT lookup. A hint for another peer is ignored, and a wrong one
+// only fails to dial: the connection's handshake proves the peer's ID.
+func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.Peer, error) {
 	pid, err := peer.Decode(id)
 	if err != nil {
 		return routing.Peer{}, fmt.Errorf("peer %q: %w", id, err)
@@ -427,7 +431,37 @@ func (r *Router) Peer(ctx context.Context, id string) (routing.Peer, error) {
 	if r.live.isDead(pid) {
 		return routing.Peer{}, fmt.Errorf("peer %s was unreachable moments ago", pid)
 	}
+	var hints []ma.Multiaddr
+	for _, a := range addrs {
+		m, err := ma.NewMultiaddr(a)
+		if err != nil {
+			continue
+		}
+		if info, err := peer.AddrInfoFromP2pAddr(m); err == nil && info.ID == pid {
+			hints = append(hints, info.Addrs...)
+		}
+	}
+	if len(hints) > 0 {
+		r.host.Peerstore().AddAddrs(pid, hints, peerstore.TempAddrTTL)
+	}
 	return r.reachable(ctx, pid)
+}
+
+// DialAddrs returns the multiaddrs other nodes can dial this node at,
+// without /p2p/<ID>: its listen addresses, loopback ones left out unless
+// there are no others.
+func (r *Router) DialAddrs() []string {
+	var all, out []string
+	for _, a := range r.host.Addrs() {
+		all = append(all, a.String())
+		if !manet.IsIPLoopback(a) {
+			out = append(out, a.String())
+		}
+	}
+	if len(out) == 0 {
+		return all
+	}
+	return out
 }
 
 // Addrs returns the multiaddrs this node listens on, each ending in

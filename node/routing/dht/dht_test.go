@@ -745,3 +745,36 @@ func TestKeyCIDIsStable(t *testing.T) {
 		t.Fatalf("CID prefix = %+v, want v1 raw sha2-256", a.Prefix())
 	}
 }
+
+// TestPeerDialsTheAddressesGiven: a peer this node has never heard of, and
+// that no DHT it is in knows, is reached at the addresses the cache tier
+// passed on; without them it is not, and an address that leads to another
+// peer does not pass as it.
+func TestPeerDialsTheAddressesGiven(t *testing.T) {
+	target, other := start(t, testConfig()), start(t, testConfig())
+	hints := func(r *Router, id string) []string {
+		var out []string
+		for _, a := range r.DialAddrs() {
+			out = append(out, a+"/p2p/"+id)
+		}
+		return out
+	}
+	if len(target.DialAddrs()) == 0 {
+		t.Fatal("no dial addresses")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := start(t, testConfig()).Peer(ctx, target.ID(), nil); err == nil {
+		t.Fatal("an unknown peer was reached without addresses")
+	}
+	if _, err := start(t, testConfig()).Peer(ctx, target.ID(), hints(other, target.ID())); err == nil {
+		t.Fatal("another peer's address passed as the target")
+	}
+	p, err := start(t, testConfig()).Peer(ctx, target.ID(), append([]string{"/ip4/127.0.0.1/tcp/1/p2p/" + other.ID(), "not a multiaddr"}, hints(target, target.ID())...))
+	if err != nil {
+		t.Fatalf("Peer with the target's addresses: %v", err)
+	}
+	if p.ID != target.ID() || p.Addr != "http://127.0.0.1:5000" {
+		t.Fatalf("peer %+v", p)
+	}
+}
