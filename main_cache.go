@@ -49,6 +49,8 @@ func runCache(args []string, stderr io.Writer) error {
 		reserve                    = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
 		clientShare                = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
 		maxSize                    = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		evictInterval              = f.Duration("evict-interval", time.Minute, "how often a replica checks --max-size and evicts; with Redis, one pass runs at a time across replicas")
+		evictGrace                 = f.Duration("evict-grace", cache.DefaultEvictGrace, "never evict content used this recently: a pull in progress has its manifest and is still fetching layers")
 		advertiseURL               = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
 		tokenFile                  = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
 		upTimeout                  = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
@@ -232,6 +234,7 @@ func runCache(args []string, stderr io.Writer) error {
 		ReplicaClient: &http.Client{Transport: token.RoundTripper(cache.ReplicaTransport())},
 		Driver:        driver, Upstream: up, Flight: fl, Budget: bud, Registries: registries,
 		TagFreshness: *freshness, TagFreshnessBy: freshnessBy, UpstreamTimeout: *upTimeout, UpstreamIdleTimeout: *upIdle, MaxSize: limit,
+		EvictInterval: *evictInterval, EvictGrace: *evictGrace,
 		Logger: log.With("component", "cache"), Registerer: reg,
 	})
 	if err != nil {

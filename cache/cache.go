@@ -85,6 +85,10 @@ type Config struct {
 	Herd Herd
 	// EvictInterval is how often the size bound is enforced. Default 1m.
 	EvictInterval time.Duration
+	// EvictGrace protects content used this recently from eviction: a
+	// pull in progress has fetched a manifest and is still fetching its
+	// layers. Default DefaultEvictGrace.
+	EvictGrace time.Duration
 	// DrainTimeout bounds how long Run waits, once its context ends, for
 	// fetches in flight to commit. Default 30s.
 	DrainTimeout time.Duration
@@ -140,6 +144,9 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 	if cfg.EvictInterval <= 0 {
 		cfg.EvictInterval = time.Minute
 	}
+	if cfg.EvictGrace <= 0 {
+		cfg.EvictGrace = DefaultEvictGrace
+	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 30 * time.Second
 	}
@@ -165,7 +172,7 @@ func New(ctx context.Context, cfg Config) (*Cache, error) {
 		regs[r] = true
 	}
 	c := &Cache{cfg: cfg, store: st, registries: regs, metrics: m}
-	c.evict = newEvictor(st, cfg.MaxSize, cfg.Logger, m, cfg.Now, cfg.EvictShare)
+	c.evict = newEvictor(st, cfg.MaxSize, cfg.EvictGrace, cfg.Logger, m, cfg.Now, cfg.EvictShare)
 	return c, nil
 }
 

@@ -18,9 +18,8 @@ import (
 	"github.com/shoal-oci/shoal/cache/recency"
 )
 
-// evictGrace protects content touched this recently: a pull in progress
-// has fetched a manifest and is still fetching its layers.
-const evictGrace = 2 * time.Minute
+// DefaultEvictGrace is Config.EvictGrace's default.
+const DefaultEvictGrace = 2 * time.Minute
 
 // evictor keeps stored blobs under a size bound, least recently used first.
 // A blob referenced by any cached manifest of any repository is never
@@ -33,6 +32,7 @@ type evictor struct {
 	m     *metrics
 	now   func() time.Time
 	share EvictShare // nil: this replica's view only
+	grace time.Duration
 	mu    sync.Mutex
 	used  map[digest.Digest]time.Time
 }
@@ -55,7 +55,7 @@ type EvictShare interface {
 	// AddBlob and AddManifest record what a replica stored; they must not
 	// block.
 	AddBlob(d digest.Digest, size int64, at time.Time)
-	AddManifest(repo string, d digest.Digest, refs []digest.Digest)
+	AddManifest(repo string, d digest.Digest, refs []digest.Digest, at time.Time)
 	// Total is the inventory's stored bytes; complete is false when the
 	// inventory must be rebuilt by a walk (Replace).
 	Total(ctx context.Context) (total int64, complete bool, err error)
@@ -71,8 +71,8 @@ type EvictShare interface {
 // evictLockTTL bounds a pass's hold on the cross-replica lock.
 const evictLockTTL = 10 * time.Minute
 
-func newEvictor(st *store, max int64, log *slog.Logger, m *metrics, now func() time.Time, share EvictShare) *evictor {
-	return &evictor{st: st, max: max, log: log, m: m, now: now, share: share, used: map[digest.Digest]time.Time{}}
+func newEvictor(st *store, max int64, grace time.Duration, log *slog.Logger, m *metrics, now func() time.Time, share EvictShare) *evictor {
+	return &evictor{st: st, max: max, grace: grace, log: log, m: m, now: now, share: share, used: map[digest.Digest]time.Time{}}
 }
 
 // touch records that d (a blob or manifest) was served.
@@ -102,7 +102,7 @@ func (e *evictor) blobStored(d digest.Digest, size int64) {
 func (e *evictor) manifestStored(repo string, d digest.Digest, refs []digest.Digest) {
 	e.touch(d)
 	if e.share != nil && e.max > 0 {
-		e.share.AddManifest(repo, d, refs)
+		e.share.AddManifest(repo, d, refs, e.now())
 	}
 }
 
@@ -115,7 +115,7 @@ func (e *evictor) hold(d digest.Digest) (stop func()) {
 	}
 	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(evictGrace / 4)
+		t := time.NewTicker(e.grace / 4)
 		defer t.Stop()
 		for {
 			select {
@@ -171,10 +171,11 @@ func (e *evictor) lastUse(d digest.Digest, fallback time.Time) time.Time {
 }
 
 type cachedManifest struct {
-	repo string
-	d    digest.Digest
-	refs []digest.Digest
-	used time.Time
+	repo   string
+	d      digest.Digest
+	refs   []digest.Digest
+	stored time.Time
+	used   time.Time
 }
 
 type cachedBlob struct {
@@ -248,7 +249,7 @@ func (e *evictor) runShared(ctx context.Context) error {
 		}
 		invM := make([]recency.InvManifest, len(manifests))
 		for i, m := range manifests {
-			invM[i] = recency.InvManifest{Repo: m.repo, D: m.d, Refs: m.refs}
+			invM[i] = recency.InvManifest{Repo: m.repo, D: m.d, Refs: m.refs, Stored: m.stored}
 		}
 		if err := e.share.Replace(ctx, started, inv, invM); err != nil {
 			e.log.WarnContext(ctx, "eviction: shared inventory not rebuilt; the next pass walks again", "err", err)
@@ -281,16 +282,24 @@ func (e *evictor) evict(ctx context.Context, blobs map[digest.Digest]cachedBlob,
 	now := e.now()
 	for total > e.max {
 		refs := map[digest.Digest]bool{}
+		cached := map[digest.Digest]bool{} // manifests' own bytes are blobs too
 		for _, m := range manifests {
+			cached[m.d] = true
 			for _, r := range m.refs {
 				refs[r] = true
 			}
 		}
 		// Unreferenced blobs, least recently used first.
 		var free []digest.Digest
+		soon := false // unreferenced blobs used within the grace: free by a later pass
 		for d, b := range blobs {
-			if !refs[d] && now.Sub(b.used) > evictGrace {
+			if refs[d] || cached[d] {
+				continue
+			}
+			if now.Sub(b.used) > e.grace {
 				free = append(free, d)
+			} else {
+				soon = true
 			}
 		}
 		sort.Slice(free, func(i, j int) bool { return blobs[free[i]].used.Before(blobs[free[j]].used) })
@@ -307,10 +316,16 @@ func (e *evictor) evict(ctx context.Context, blobs map[digest.Digest]cachedBlob,
 		if total <= e.max {
 			break
 		}
+		if soon {
+			// A cached manifest is worth more than a blob nothing
+			// references: wait for those to leave their grace.
+			e.log.DebugContext(ctx, "over the size bound; unreferenced blobs are still in their grace", "total", total, "max", e.max)
+			break
+		}
 		// Drop the least recently used manifest that no remaining index references.
 		victim := -1
 		for i, m := range manifests {
-			if refs[m.d] || now.Sub(m.used) <= evictGrace {
+			if refs[m.d] || now.Sub(m.used) <= e.grace {
 				continue
 			}
 			if victim < 0 || m.used.Before(manifests[victim].used) {
@@ -402,7 +417,7 @@ func (e *evictor) manifests(ctx context.Context) ([]cachedManifest, error) {
 			if fi, err := e.st.driver.Stat(ctx, blobDataPath(d)); err == nil {
 				mod = fi.ModTime()
 			}
-			cm.used = e.lastUse(d, mod)
+			cm.stored, cm.used = mod, e.lastUse(d, mod)
 			out = append(out, cm)
 			return nil
 		})

@@ -99,7 +99,8 @@ func TestEvictionKeepsReferencedBlobs(t *testing.T) {
 		return ok
 	}
 	// Fetches commit in the background, after the client's last byte: wait
-	// for every commit before the clock moves, so the order below holds.
+	// for every commit, and the use it records, before the clock moves, so
+	// the order below holds.
 	deadline := time.Now().Add(5 * time.Second)
 	for _, d := range []digest.Digest{dL1, dL2, dShared, dA, dB, cfgA, cfgB} {
 		for !stored(d) {
@@ -109,7 +110,11 @@ func TestEvictionKeepsReferencedBlobs(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	time.Sleep(50 * time.Millisecond) // the commit's touch follows the store
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	if err := cache.DrainForTest(dctx, c); err != nil {
+		t.Fatal(err)
+	}
 
 	// loose2 is used before loose1, and A before B.
 	f.clock.add(time.Minute)

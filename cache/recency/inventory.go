@@ -31,12 +31,13 @@ type InvBlob struct {
 	Stored time.Time
 }
 
-// InvManifest is a stored manifest: its storage repository, digest and the
-// digests it references.
+// InvManifest is a stored manifest: its storage repository, digest, the
+// digests it references, and when it was stored.
 type InvManifest struct {
-	Repo string
-	D    digest.Digest
-	Refs []digest.Digest
+	Repo   string
+	D      digest.Digest
+	Refs   []digest.Digest
+	Stored time.Time
 }
 
 // invOp is one buffered inventory change: a stored blob or manifest.
@@ -59,22 +60,24 @@ func (r *Redis) AddBlob(d digest.Digest, size int64, at time.Time) {
 	r.mu.Unlock()
 }
 
-// AddManifest records a stored manifest and its references; written with
-// the next flush.
-func (r *Redis) AddManifest(repo string, d digest.Digest, refs []digest.Digest) {
+// AddManifest records a manifest stored at at, and its references;
+// written with the next flush.
+func (r *Redis) AddManifest(repo string, d digest.Digest, refs []digest.Digest, at time.Time) {
 	r.mu.Lock()
-	r.pendingInv = append(r.pendingInv, invOp{repo: repo, d: d, refs: refs})
+	r.pendingInv = append(r.pendingInv, invOp{repo: repo, d: d, refs: refs, at: at})
 	r.mu.Unlock()
 }
 
 func manifestField(repo string, d digest.Digest) string { return repo + "@" + d.String() }
 
-func joinRefs(refs []digest.Digest) string {
+// manifestValue is a manifest's inventory value: "<stored ms>|<refs>",
+// the references comma-separated.
+func manifestValue(refs []digest.Digest, stored time.Time) string {
 	s := make([]string, len(refs))
 	for i, d := range refs {
 		s[i] = d.String()
 	}
-	return strings.Join(s, ",")
+	return strconv.FormatInt(stored.UnixMilli(), 10) + "|" + strings.Join(s, ",")
 }
 
 // flushInv writes the buffered inventory changes; on failure they stay
@@ -94,7 +97,7 @@ func (r *Redis) flushInv(ctx context.Context) error {
 		if op.blob {
 			r.addBlob.Eval(cctx, pipe, []string{r.invKey("blobs"), r.invKey("total")}, op.d.String(), op.size, op.at.UnixMilli())
 		} else {
-			pipe.HSet(cctx, r.invKey("manifests"), manifestField(op.repo, op.d), joinRefs(op.refs))
+			pipe.HSet(cctx, r.invKey("manifests"), manifestField(op.repo, op.d), manifestValue(op.refs, op.at))
 		}
 	}
 	if _, err := pipe.Exec(cctx); err != nil {
@@ -160,6 +163,10 @@ func (r *Redis) Load(ctx context.Context) (map[digest.Digest]InvBlob, []InvManif
 			return
 		}
 		m := InvManifest{Repo: k[:i], D: d}
+		if ms, refs, ok := strings.Cut(v, "|"); ok {
+			n, _ := strconv.ParseInt(ms, 10, 64)
+			m.Stored, v = time.UnixMilli(n), refs
+		}
 		for _, s := range strings.Split(v, ",") {
 			if rd, err := digest.Parse(s); err == nil {
 				m.Refs = append(m.Refs, rd)
@@ -218,9 +225,9 @@ func (r *Redis) Replace(ctx context.Context, started time.Time, blobs map[digest
 		found[manifestField(m.Repo, m.D)] = true
 	}
 	for _, m := range oldManifests {
-		if f := manifestField(m.Repo, m.D); !found[f] {
-			// A manifest has no stored time; one stored during the walk
-			// is recorded again the next time it is stored.
+		// A manifest stored during the walk may be missing from it: keep
+		// it, or a pass would take its blobs for unreferenced.
+		if f := manifestField(m.Repo, m.D); !found[f] && m.Stored.Before(started) {
 			pipe.HDel(cctx, r.invKey("manifests"), f)
 		}
 	}
@@ -228,7 +235,7 @@ func (r *Redis) Replace(ctx context.Context, started time.Time, blobs map[digest
 		pipe.HSetNX(cctx, r.invKey("blobs"), d.String(), fmt.Sprintf("%d:%d", b.Size, b.Stored.UnixMilli()))
 	}
 	for _, m := range manifests {
-		pipe.HSet(cctx, r.invKey("manifests"), manifestField(m.Repo, m.D), joinRefs(m.Refs))
+		pipe.HSetNX(cctx, r.invKey("manifests"), manifestField(m.Repo, m.D), manifestValue(m.Refs, m.Stored))
 	}
 	r.recount.Eval(cctx, pipe, []string{r.invKey("blobs"), r.invKey("total")})
 	pipe.Set(cctx, r.invKey("complete"), started.UnixMilli(), RebuildInterval)

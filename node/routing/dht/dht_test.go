@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/shoal-oci/shoal/node/routing"
 	"github.com/shoal-oci/shoal/node/routing/dht/wire"
 	"github.com/shoal-oci/shoal/node/routing/routingtest"
+	"github.com/shoal-oci/shoal/test/harness"
 )
 
 const testTTL = 2 * time.Second
@@ -210,14 +212,10 @@ func TestBootstrapForms(t *testing.T) {
 }
 
 func TestBootstrapRetriesUntilPeerAppears(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-
-	_, port, _ := net.SplitHostPort(addr)
+	// The late peer's port is known before it listens: one reserved below
+	// the ephemeral range, which no outgoing connection can take meanwhile.
+	port := strconv.Itoa(harness.FreePort(t))
+	addr := "127.0.0.1:" + port
 	r := start(t, testConfig("localhost:"+port)) // a DNS name, resolved again every round
 	time.Sleep(300 * time.Millisecond)
 	if r.Ready() {
@@ -233,12 +231,7 @@ func TestBootstrapRetriesUntilPeerAppears(t *testing.T) {
 
 func TestBootstrapListIncludingSelfIsHarmless(t *testing.T) {
 	seed := start(t, testConfig())
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	self := l.Addr().String()
-	l.Close()
+	self := "127.0.0.1:" + strconv.Itoa(harness.FreePort(t)) // in its own bootstrap list, so known before it listens
 	cfg := testConfig(self, hostPort(t, seed))
 	cfg.ListenAddr = self
 	r := start(t, cfg)
@@ -276,19 +269,23 @@ func TestInvalidConfigIsRejected(t *testing.T) {
 }
 
 func TestDeadProviderStopsBeingReturned(t *testing.T) {
-	rs := startNetwork(t, 3, nil)
+	// Records live an hour: only the liveness check can drop the dead node.
+	rs := startNetwork(t, 3, func(_ int, cfg *Config) { cfg.ProviderTTL = time.Hour })
 	key := "sha256:dead-provider"
 	twoProviders(t, rs, key)
 	dead := rs[1].ID()
 	if err := rs[1].Close(); err != nil {
 		t.Fatal(err)
 	}
-	// Its records have not expired (they live testTTL), but once its
-	// connections are gone a lookup cannot reach it, marks it dead, and
-	// from then on skips it without dialling.
+	// Its records have not expired, but once its connections are gone a
+	// lookup cannot reach it, marks it dead, and from then on skips it
+	// without dialling.
 	waitFor(t, 2*time.Second, "lookups skip the dead node", func() bool {
 		return !slices.Contains(lookupIDs(t, rs[2], key), dead)
 	})
+	if got := dhtLookupIDs(t, rs[2], key); !slices.Contains(got, dead) {
+		t.Fatalf("the dead node's DHT record is gone (%v): expiry, not the liveness check, dropped it", got)
+	}
 	if !rs[2].live.isDead(rs[1].host.ID()) {
 		t.Fatal("the dead node is not marked dead")
 	}

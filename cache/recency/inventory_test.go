@@ -1,0 +1,59 @@
+package recency
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/shoal-oci/shoal/test/harness"
+)
+
+// TestReplaceKeepsWhatWasStoredDuringTheWalk: a walk that started before a
+// replica stored a manifest does not find it, and Replace keeps it (else
+// its blobs would pass for unreferenced); a manifest stored before the walk
+// that the walk did not find is dropped, in the old value format too.
+func TestReplaceKeepsWhatWasStoredDuringTheWalk(t *testing.T) {
+	opts, err := redis.ParseURL(harness.StartRedis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	ctx := context.Background()
+	r := NewRedis(rdb, "t:evict:", nil, nil)
+	started := time.Now()
+	dM, dC, dL := digest.FromString("manifest"), digest.FromString("config"), digest.FromString("layer")
+	gone, legacy := digest.FromString("gone"), digest.FromString("legacy")
+	r.AddManifest("docker.io/library/gone", gone, []digest.Digest{dC}, started.Add(-time.Hour))
+	r.AddManifest("docker.io/library/a", dM, []digest.Digest{dC, dL}, started.Add(time.Second))
+	r.AddBlob(dL, 10, started.Add(time.Second))
+	if err := r.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A value written before manifests had a stored time.
+	if err := rdb.HSet(ctx, "t:evict:inv:manifests", "docker.io/library/legacy@"+legacy.String(), dC.String()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, ms, err := r.Load(ctx); err != nil || len(ms) != 3 {
+		t.Fatalf("before the walk: %d manifests, %v; want 3", len(ms), err)
+	}
+	if err := r.Replace(ctx, started, map[digest.Digest]InvBlob{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	blobs, ms, err := r.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 1 || ms[0].D != dM || len(ms[0].Refs) != 2 || ms[0].Refs[1] != dL || ms[0].Stored.UnixMilli() != started.Add(time.Second).UnixMilli() {
+		t.Fatalf("after the walk: manifests %+v, want only the one stored during it", ms)
+	}
+	if _, ok := blobs[dL]; !ok {
+		t.Fatalf("after the walk: blobs %v, want the one stored during it", blobs)
+	}
+	if total, complete, err := r.Total(ctx); err != nil || !complete || total != 10 {
+		t.Fatalf("total %d complete %v err %v; want 10 true", total, complete, err)
+	}
+}
