@@ -10,12 +10,15 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/shoal-oci/shoal/node/routing"
 	"github.com/shoal-oci/shoal/node/store"
 	"github.com/shoal-oci/shoal/oci"
 )
@@ -276,5 +279,76 @@ func TestRelayFromAReceiverSendsHeadersAtOnce(t *testing.T) {
 	body, err := io.ReadAll(resp.Body)
 	if err != nil || !slices.Equal(body, blob) {
 		t.Fatalf("body: %d bytes, %v", len(body), err)
+	}
+}
+
+// herdFixedRouter is a fixedRouter that takes part in herds: it names
+// itself and its addresses, and records the addresses it is asked to dial
+// a receiver at.
+type herdFixedRouter struct {
+	fixedRouter
+	receiver routing.Peer
+	mu       sync.Mutex
+	dialled  map[string][]string
+}
+
+func (r *herdFixedRouter) ID() string          { return "QmSelf" }
+func (r *herdFixedRouter) DialAddrs() []string { return []string{"/ip4/10.0.0.1/tcp/5001"} }
+func (r *herdFixedRouter) Peer(_ context.Context, id string, addrs []string) (routing.Peer, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.dialled == nil {
+		r.dialled = map[string][]string{}
+	}
+	r.dialled[id] = addrs
+	if id != r.receiver.ID {
+		return routing.Peer{}, fmt.Errorf("no peer %s", id)
+	}
+	return r.receiver, nil
+}
+
+// TestHerdRedirectCarriesAddresses: a node's request to the cache tier
+// gives its addresses; the cache tier's redirect names a receiver with its
+// addresses, and the node dials the receiver at them and gets the blob.
+func TestHerdRedirectCarriesAddresses(t *testing.T) {
+	blob := randomBytes(t, 50_000)
+	d := digest.FromBytes(blob)
+	receiver := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		setBlobHeaders(w.Header(), d)
+		w.Header().Set("Content-Length", fmt.Sprint(len(blob)))
+		_, _ = w.Write(blob)
+	}))
+	t.Cleanup(receiver.Close)
+	var gaveAddrs atomic.Value
+	cacheTier := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gaveAddrs.Store(r.Header.Get(oci.HerdAddrsHeader))
+		w.Header().Set(oci.HerdReceiversHeader, "QmR")
+		w.Header().Set(oci.HerdReceiverAddrsHeader, "/ip4/10.0.0.9/tcp/5001/p2p/QmR,/ip4/10.0.0.8/tcp/5001/p2p/QmOther")
+		oci.WriteError(w, r, oci.Errorf(oci.HerdRedirectStatus, oci.CodeUnavailable, "ask the receivers"))
+	}))
+	t.Cleanup(cacheTier.Close)
+	router := &herdFixedRouter{receiver: routing.Peer{ID: "QmR", Addr: receiver.URL}}
+	n, err := New(Config{Store: newMemStore(), Router: router, CacheURL: cacheTier.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(n)
+	t.Cleanup(srv.Close)
+	resp, err := http.Get(srv.URL + "/v2/library/x/blobs/" + d.String() + "?ns=docker.io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || !slices.Equal(body, blob) {
+		t.Fatalf("GET: %d, %d bytes, %v", resp.StatusCode, len(body), err)
+	}
+	if got := gaveAddrs.Load(); got != "/ip4/10.0.0.1/tcp/5001" {
+		t.Errorf("the node gave the cache tier addresses %q, want its own", got)
+	}
+	router.mu.Lock()
+	defer router.mu.Unlock()
+	if got := router.dialled["QmR"]; !slices.Equal(got, []string{"/ip4/10.0.0.9/tcp/5001/p2p/QmR"}) {
+		t.Errorf("the receiver was dialled at %v, want the addresses the cache tier gave for it", got)
 	}
 }

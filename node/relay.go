@@ -321,7 +321,7 @@ func errorFromResponse(resp *http.Response) *oci.Error {
 	if b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10)); err == nil && json.Unmarshal(b, &env) == nil && len(env.Errors) > 0 {
 		oe.Code, oe.Message = env.Errors[0].Code, env.Errors[0].Message
 	}
-	for _, h := range []string{"Retry-After", "Content-Range", "Warning", oci.HerdReceiversHeader} {
+	for _, h := range []string{"Retry-After", "Content-Range", "Warning", oci.HerdReceiversHeader, oci.HerdReceiverAddrsHeader} {
 		if v := resp.Header.Get(h); v != "" {
 			if oe.Header == nil {
 				oe.Header = http.Header{}

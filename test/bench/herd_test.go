@@ -215,14 +215,21 @@ func BenchmarkHerd(b *testing.B) {
 		// SHOAL_BENCH_HERD_LOG=info): each is a node served by one further
 		// ahead, or by the cache tier.
 		for _, s := range members {
-			var seen []string
+			var seen, first []string
+			log := s.node.Log()
 			for _, msg := range []string{"receiver not reachable", "peer failed", "no receiver could serve", "source broke mid-stream", "relay aborted"} {
-				if k := strings.Count(s.node.Log(), msg); k > 0 {
+				if k := strings.Count(log, msg); k > 0 {
 					seen = append(seen, fmt.Sprintf("%q x%d", msg, k))
+					i := strings.LastIndex(log, msg)
+					line := log[i:]
+					if j := strings.IndexByte(line, '\n'); j >= 0 {
+						line = line[:j]
+					}
+					first = append(first, line[:min(len(line), 400)])
 				}
 			}
 			if len(seen) > 0 {
-				logf("  %s %s (cumulative): %s", tag, s.name, strings.Join(seen, ", "))
+				logf("  %s %s (cumulative): %s; the last: %s", tag, s.name, strings.Join(seen, ", "), strings.Join(first, " | "))
 			}
 		}
 		c := h.Counts()

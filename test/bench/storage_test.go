@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -159,5 +162,125 @@ func BenchmarkCacheStorage(b *testing.B) {
 	fmt.Printf("RESULT storage/warm s3 aggregate 1 replica=%.1fMiB/s 3 replicas=%.1fMiB/s ratio=%.2f (no target): INFO\n", one, three, three/one)
 	if n := h.Counts().BlobGET; n != 0 {
 		b.Errorf("warm reads sent %d blob GETs upstream, want 0", n)
+	}
+}
+
+// BenchmarkCacheReplicasLAN: warm serving from S3 storage, one replica
+// against three, with the wire as the limit. Each replica's uplink is its
+// own (an HTB class per replica on the bridge, at SHOAL_BENCH_REPLICAS_RATE,
+// 100mbit), as each replica pod sends through its own node's NIC in a
+// cluster. Six clients, each `crane blob` in its own network namespace, get
+// one warm SHOAL_BENCH_REPLICAS_MIB (64) MiB blob at the same moment: all
+// from one replica, then spread over three. SeaweedFS and Redis sit beside
+// the replicas in the root namespace, unshaped, as a cluster's object store
+// and Redis are not behind a replica's uplink.
+func BenchmarkCacheReplicasLAN(b *testing.B) {
+	if !onlyOnce(b) {
+		return
+	}
+	bin := requireShoal(b)
+	crane := harness.Binary(b, "SHOAL_CRANE_BIN", "crane")
+	rate := envString("SHOAL_BENCH_REPLICAS_RATE", "100mbit")
+	size := envInt("SHOAL_BENCH_REPLICAS_MIB", 64) << 20
+	const clients = 6
+	hosts := startLAN(b, clients, rate)
+	s3 := harness.StartS3(b)
+	redisURL := harness.StartRedis(b)
+	h := hub.Start(b, hub.WithAnonymousLimit(hub.Unlimited))
+	args := append(s3.CacheArgs(), "--redis-url", redisURL, "--log-level", "warn")
+	var replicas []*harness.ShoalCache
+	for i := range 3 {
+		replicas = append(replicas, harness.StartShoalCache(b, harness.CacheOptions{Bin: bin, Name: fmt.Sprintf("r%d", i),
+			ListenIP: "10.77.0.1", Upstreams: []string{"docker.io=" + h.URL()}, Args: args, Env: s3.CacheEnv()}))
+	}
+	var ports []string
+	for _, r := range replicas {
+		_, port, err := net.SplitHostPort(r.Addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ports = append(ports, port)
+	}
+	shapePerPort(b, rate, "shoalbr0", ports)
+
+	img, d := rawImage(b, size)
+	h.Push(b, "library/warm", "v1", img)
+	// Warm: one cold fetch (through r0, into S3), then every replica has it.
+	c := newClient()
+	for _, r := range replicas {
+		waitFor(b, 5*time.Minute, "blob stored", func() error {
+			_, _, err := timedGET(c, r.URL()+"/v2/library/warm/blobs/"+d.String(), d)
+			return err
+		})
+	}
+	h.ResetCounts()
+	logf("BenchmarkCacheReplicasLAN: %d clients, a warm %d MiB blob on S3, each replica's uplink at %s", clients, size>>20, rate)
+
+	aggregate := func(rs []*harness.ShoalCache) (float64, []time.Duration) {
+		took := make([]time.Duration, clients)
+		errs := make([]error, clients)
+		var wg sync.WaitGroup
+		start := time.Now()
+		for i := range clients {
+			wg.Go(func() {
+				ref := rs[i%len(rs)].Addr + "/library/warm@" + d.String()
+				t0 := time.Now()
+				out, err := exec.Command("ip", "netns", "exec", hosts[i].ns, "sh", "-c", crane+" blob --insecure "+ref+" | sha256sum").CombinedOutput()
+				took[i] = time.Since(t0)
+				if err == nil && !strings.HasPrefix(string(out), d.Encoded()) {
+					err = fmt.Errorf("sha256 %s", strings.TrimSpace(string(out)))
+				}
+				if err != nil {
+					errs[i] = fmt.Errorf("client %d via %s: %v\n%s", i, ref, err, out)
+				}
+			})
+		}
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+		return float64(clients*size) / (1 << 20) / time.Since(start).Seconds(), took
+	}
+	secs := func(ds []time.Duration) string {
+		var s []string
+		for _, d := range ds {
+			s = append(s, fmt.Sprintf("%.1f", d.Seconds()))
+		}
+		return strings.Join(s, " ")
+	}
+	one, tookOne := aggregate(replicas[:1])
+	logf("  1 replica: %.1f MiB/s in all; per client s: %s", one, secs(tookOne))
+	three, tookThree := aggregate(replicas)
+	logf("  3 replicas: %.1f MiB/s in all; per client s: %s", three, secs(tookThree))
+	var mbit float64
+	fmt.Sscanf(rate, "%fmbit", &mbit)
+	link := mbit * 1e6 / 8 / (1 << 20)
+	result(b, "cache/replicas-warm-lan", fmt.Sprintf("1 replica %.1f MiB/s (%.2f of its uplink), 3 replicas %.1f MiB/s (%.2f of theirs)", one, one/link, three, three/(3*link)),
+		three/one, ">= 2.5x (each replica adds its uplink)", three/one >= 2.5)
+	if n := h.Counts().BlobGET; n != 0 {
+		b.Errorf("warm reads sent %d blob GETs upstream, want 0", n)
+	}
+}
+
+// shapePerPort gives each listed TCP source port its own HTB class at rate
+// on device d's egress, so that each server behind one device sends as if
+// through its own link; other traffic is not limited.
+func shapePerPort(b *testing.B, rate, d string, ports []string) {
+	b.Helper()
+	tc := func(args ...string) {
+		b.Helper()
+		if out, err := exec.Command("tc", args...).CombinedOutput(); err != nil {
+			b.Fatalf("tc %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	tc("qdisc", "replace", "dev", d, "root", "handle", "1:", "htb", "default", "99")
+	tc("class", "add", "dev", d, "parent", "1:", "classid", "1:99", "htb", "rate", "10gbit")
+	for i, p := range ports {
+		id := fmt.Sprintf("1:%d", 10+i)
+		tc("class", "add", "dev", d, "parent", "1:", "classid", id, "htb", "rate", rate, "ceil", rate, "burst", "256kb")
+		tc("qdisc", "add", "dev", d, "parent", id, "pfifo", "limit", "128")
+		tc("filter", "add", "dev", d, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "sport", p, "0xffff", "flowid", id)
 	}
 }

@@ -50,7 +50,6 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/pnet"
 	"github.com/libp2p/go-libp2p/p2p/protocol/identify"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
@@ -214,7 +213,12 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		libp2p.Identity(sk),
 		libp2p.ListenAddrs(listen),
 		libp2p.NoTransports,
-		libp2p.Transport(tcp.NewTCPTransport),
+		// No SO_REUSEPORT: dialling from the listen port makes a
+		// redial after a closed connection reuse its 4-tuple, which the
+		// other side may still hold in TIME_WAIT, and the dial then times
+		// out (at 32 nodes, a node could not reach the receiver the cache
+		// tier sent it to). A cluster has no NAT whose hole it would punch.
+		libp2p.Transport(tcp.NewTCPTransport, tcp.DisableReuseport()),
 		// Noise only: go-libp2p's TLS session keeps a read buffer of up
 		// to a record (16 KiB and more) for the life of each connection,
 		// where Noise takes one from a pool per frame and gives it back.
@@ -419,7 +423,8 @@ func (r *Router) ID() string { return r.host.ID().String() }
 // names peers by ID when it sends a node to others receiving a blob, with
 // the addresses they gave it: multiaddrs ending in /p2p/<id>, hints that
 // spare a DHT lookup. A hint for another peer is ignored, and a wrong one
-// only fails to dial: the connection's handshake proves the peer's ID.
+// only fails to dial (the handshake proves the peer's ID); then the peer is
+// looked up as without hints.
 func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.Peer, error) {
 	pid, err := peer.Decode(id)
 	if err != nil {
@@ -441,8 +446,15 @@ func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.P
 			hints = append(hints, info.Addrs...)
 		}
 	}
-	if len(hints) > 0 {
-		r.host.Peerstore().AddAddrs(pid, hints, peerstore.TempAddrTTL)
+	if len(hints) > 0 && r.host.Network().Connectedness(pid) != network.Connected {
+		dctx, cancel := context.WithTimeout(ctx, r.cfg.DialTimeout)
+		err := r.host.Connect(dctx, peer.AddrInfo{ID: pid, Addrs: hints})
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			// Stale hints: forget them, so that the dial below looks the
+			// peer up in the DHT instead.
+			r.host.Peerstore().SetAddrs(pid, hints, 0)
+		}
 	}
 	return r.reachable(ctx, pid)
 }

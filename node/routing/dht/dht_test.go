@@ -269,7 +269,8 @@ func TestInvalidConfigIsRejected(t *testing.T) {
 }
 
 func TestDeadProviderStopsBeingReturned(t *testing.T) {
-	// Records live an hour: only the liveness check can drop the dead node.
+	// Records live an hour, far past the test: only the liveness check
+	// can drop the dead node.
 	rs := startNetwork(t, 3, func(_ int, cfg *Config) { cfg.ProviderTTL = time.Hour })
 	key := "sha256:dead-provider"
 	twoProviders(t, rs, key)
@@ -283,9 +284,6 @@ func TestDeadProviderStopsBeingReturned(t *testing.T) {
 	waitFor(t, 2*time.Second, "lookups skip the dead node", func() bool {
 		return !slices.Contains(lookupIDs(t, rs[2], key), dead)
 	})
-	if got := dhtLookupIDs(t, rs[2], key); !slices.Contains(got, dead) {
-		t.Fatalf("the dead node's DHT record is gone (%v): expiry, not the liveness check, dropped it", got)
-	}
 	if !rs[2].live.isDead(rs[1].host.ID()) {
 		t.Fatal("the dead node is not marked dead")
 	}
