@@ -170,8 +170,15 @@ func (n *Node) idleFor(t target) time.Duration {
 	return n.cfg.IdleTimeout
 }
 
-// receiverResolveTimeout bounds finding the receivers the cache tier named.
-const receiverResolveTimeout = 5 * time.Second
+// receiverResolveTimeout bounds reaching the nearest receiver the cache
+// tier named. Skipping it makes the next one ahead serve two nodes, and
+// everything behind this node then runs at half the rate, so a dial is
+// retried this long: when a herd starts, every node's containerd and node
+// start their transfers at once, and a dial's handshake may wait for CPU.
+const receiverResolveTimeout = 10 * time.Second
+
+// receiverRetry is the pause between dials of a receiver.
+const receiverRetry = 250 * time.Millisecond
 
 // ingestPoll is how often a followed ingest is checked for new bytes.
 const ingestPoll = 5 * time.Millisecond
@@ -336,31 +343,49 @@ func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Rou
 	hr, _ := n.cfg.Router.(herdRouter)
 	var targets []target
 	if hr != nil {
-		// Skipping the nearest receiver makes the next one ahead serve two
-		// nodes at half the rate each: give a dial and identify time. With
-		// the addresses the cache tier passed on, no DHT lookup is needed.
+		// Each receiver is dialled until it answers or the time is up,
+		// all at once; the nearest is waited for, and the ones further
+		// ahead that answered by then are the fallbacks. With the
+		// addresses the cache tier passed on, no DHT lookup is needed.
 		ctx, cancel := context.WithTimeout(r.Context(), max(n.cfg.LookupTimeout, receiverResolveTimeout))
 		peers := make([]*routing.Peer, len(rs))
-		var wg sync.WaitGroup
+		done := make([]chan struct{}, len(rs))
+		var mu sync.Mutex
 		for i, rc := range rs {
-			wg.Add(1)
+			done[i] = make(chan struct{})
 			go func() {
-				defer wg.Done()
-				p, err := hr.Peer(ctx, rc.id, rc.addrs)
-				if err != nil {
-					n.cfg.Logger.InfoContext(r.Context(), "receiver not reachable", "digest", rt.Digest, "peer", rc.id, "addrs", len(rc.addrs), "err", err)
-					return
+				defer close(done[i])
+				for {
+					p, err := hr.Peer(ctx, rc.id, rc.addrs)
+					if err == nil {
+						mu.Lock()
+						peers[i] = &p
+						mu.Unlock()
+						return
+					}
+					if sleepCtx(ctx, receiverRetry) != nil {
+						if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+							n.cfg.Logger.InfoContext(r.Context(), "receiver not reachable", "digest", rt.Digest, "peer", rc.id, "addrs", len(rc.addrs), "err", err)
+						}
+						return
+					}
 				}
-				peers[i] = &p
 			}()
 		}
-		wg.Wait()
-		cancel()
+		if len(rs) > 0 {
+			<-done[0]
+		}
+		cancel() // the others stop where they are
+		for _, d := range done {
+			<-d
+		}
+		mu.Lock()
 		for _, p := range peers {
 			if p != nil {
 				targets = append(targets, target{base: p.Addr, client: n.peers, peer: p, receiving: true})
 			}
 		}
+		mu.Unlock()
 	}
 	err := n.relay(w, r, rt, targets, direct, sourceReceiver)
 	if errors.Is(err, errNoSource) {

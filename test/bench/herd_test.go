@@ -51,7 +51,7 @@ func BenchmarkHerd(b *testing.B) {
 	}
 	harness.RequireRoot(b)
 	if os.Getenv("SHOAL_CONTAINERD_BIN") == "" {
-		b.Skip("containerd not installed (test/install.sh)")
+		harness.Missing(b, "containerd not installed (SHOAL_CONTAINERD_BIN)")
 	}
 	nodeBin, cacheBin := requireNode(b), requireShoal(b)
 	loopback := os.Getenv("SHOAL_BENCH_HERD_LOOPBACK") == "1"

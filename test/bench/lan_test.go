@@ -22,12 +22,10 @@ type lanHost struct {
 // startLAN makes n namespaces 10.77.0.10+i on bridge shoalbr0 (10.77.0.1)
 // and removes them when b ends. Hosts listed in shaped get their egress
 // limited to rate with tbf, so the wire, not this machine's two cores, is
-// the limit (../shared/RECIPES.md).
+// the limit.
 func startLAN(b *testing.B, n int, rate string, shaped ...int) []lanHost {
 	b.Helper()
-	if os.Geteuid() != 0 {
-		b.Skip("the shaped-LAN benchmarks need root (network namespaces, tc)")
-	}
+	harness.RequireRoot(b) // network namespaces, tc
 	run := func(args ...string) {
 		b.Helper()
 		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {

@@ -50,11 +50,12 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// requireShoal returns the shoal binary, or skips the benchmark.
+// requireShoal returns the shoal binary: a failed build fails the
+// benchmark; with no binary at all (not run with -bench) it skips.
 func requireShoal(b *testing.B) string {
 	b.Helper()
 	if buildErr != nil {
-		b.Skipf("build shoal: %v", buildErr)
+		b.Fatalf("build shoal: %v", buildErr)
 	}
 	if shoalBin == "" {
 		b.Skip("no shoal binary (set SHOAL_BENCH_BIN or run with -bench)")

@@ -25,7 +25,7 @@ func startNginx(b *testing.B, root string) string {
 		if p, lerr := exec.LookPath("nginx"); lerr == nil {
 			bin = p
 		} else {
-			b.Skipf("nginx not found (apt-get install nginx-light, or set SHOAL_NGINX_BIN)")
+			harness.Missing(b, "nginx not found (apt-get install nginx-light, or set SHOAL_NGINX_BIN)")
 		}
 	}
 	dir := b.TempDir()
@@ -61,7 +61,7 @@ http {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	done, err := harness.Spawn(b, cmd, syscall.SIGQUIT, 5*time.Second)
 	if err != nil {
-		b.Skipf("start nginx: %v", err)
+		b.Fatalf("start nginx: %v", err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	deadline := time.Now().Add(10 * time.Second)

@@ -418,13 +418,14 @@ func (r *Router) Close() error {
 // ID returns this node's libp2p peer ID.
 func (r *Router) ID() string { return r.host.ID().String() }
 
-// Peer returns the peer with ID id as a relay target, dialling it (within
-// the dial timeout) when this node is not connected to it. The cache tier
-// names peers by ID when it sends a node to others receiving a blob, with
-// the addresses they gave it: multiaddrs ending in /p2p/<id>, hints that
-// spare a DHT lookup. A hint for another peer is ignored, and a wrong one
-// only fails to dial (the handshake proves the peer's ID); then the peer is
-// looked up as without hints.
+// Peer returns the peer with ID id as a relay target, dialling it when this
+// node is not connected to it. The cache tier names peers by ID when it
+// sends a node to others receiving a blob, with the addresses they gave it:
+// multiaddrs ending in /p2p/<id>. With them, the peer is dialled there
+// directly, within ctx (not the shorter DialTimeout, and past a dial
+// backoff: the cache tier has just heard from it), and no DHT lookup is
+// made. A hint for another peer is ignored, and a wrong one only fails to
+// dial: the connection's handshake proves the peer's ID.
 func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.Peer, error) {
 	pid, err := peer.Decode(id)
 	if err != nil {
@@ -432,9 +433,6 @@ func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.P
 	}
 	if pid == r.host.ID() {
 		return routing.Peer{}, errors.New("peer is this node")
-	}
-	if r.live.isDead(pid) {
-		return routing.Peer{}, fmt.Errorf("peer %s was unreachable moments ago", pid)
 	}
 	var hints []ma.Multiaddr
 	for _, a := range addrs {
@@ -446,15 +444,21 @@ func (r *Router) Peer(ctx context.Context, id string, addrs []string) (routing.P
 			hints = append(hints, info.Addrs...)
 		}
 	}
-	if len(hints) > 0 && r.host.Network().Connectedness(pid) != network.Connected {
-		dctx, cancel := context.WithTimeout(ctx, r.cfg.DialTimeout)
-		err := r.host.Connect(dctx, peer.AddrInfo{ID: pid, Addrs: hints})
-		cancel()
-		if err != nil && ctx.Err() == nil {
-			// Stale hints: forget them, so that the dial below looks the
-			// peer up in the DHT instead.
-			r.host.Peerstore().SetAddrs(pid, hints, 0)
+	if len(hints) == 0 {
+		if r.live.isDead(pid) {
+			return routing.Peer{}, fmt.Errorf("peer %s was unreachable moments ago", pid)
 		}
+		return r.reachable(ctx, pid)
+	}
+	if r.host.Network().Connectedness(pid) != network.Connected {
+		dctx := network.WithForceDirectDial(ctx, "herd receiver named by the cache tier")
+		if dl, ok := ctx.Deadline(); ok {
+			dctx = network.WithDialPeerTimeout(dctx, time.Until(dl))
+		}
+		if err := r.host.Connect(dctx, peer.AddrInfo{ID: pid, Addrs: hints}); err != nil {
+			return routing.Peer{}, fmt.Errorf("dial receiver: %w", err)
+		}
+		r.live.markAlive(pid)
 	}
 	return r.reachable(ctx, pid)
 }
