@@ -173,9 +173,12 @@ func (n *Node) idleFor(t target) time.Duration {
 // receiverResolveTimeout bounds reaching the nearest receiver the cache
 // tier named. Skipping it makes the next one ahead serve two nodes, and
 // everything behind this node then runs at half the rate, so a dial is
-// retried this long: when a herd starts, every node's containerd and node
-// start their transfers at once, and a dial's handshake may wait for CPU.
+// retried this long: when a herd starts, every node starts its transfers
+// at once, and a first dial may be slow or lost.
 const receiverResolveTimeout = 10 * time.Second
+
+// receiverDialTimeout bounds the TCP dial of a receiver's registry port.
+const receiverDialTimeout = 5 * time.Second
 
 // receiverRetry is the pause between dials of a receiver.
 const receiverRetry = 250 * time.Millisecond

@@ -278,6 +278,14 @@ func (n *Node) do(ctx context.Context, method string, t target, rt oci.Route, rn
 		if strings.HasSuffix(rng, "-") {
 			d = n.chunkDialer
 		}
+		if t.receiving {
+			// A receiver is alive (the cache tier has just placed this
+			// node behind it) and skipping it costs a chain half its rate:
+			// outlast a lost SYN, which TCP sends again after a second.
+			rd := *d
+			rd.Timeout = receiverDialTimeout
+			d = &rd
+		}
 		resp, err = rawGet(ctx, d, req, n.idleFor(t))
 	} else {
 		resp, err = t.client.Do(req)

@@ -231,6 +231,23 @@ func BenchmarkHerd(b *testing.B) {
 			if len(seen) > 0 {
 				logf("  %s %s (cumulative): %s; the last: %s", tag, s.name, strings.Join(seen, ", "), strings.Join(first, " | "))
 			}
+			// The receiver this node could not reach: which node, and what
+			// it logged.
+			for _, line := range strings.Split(log, "\n") {
+				if !strings.Contains(line, "receiver not reachable") {
+					continue
+				}
+				_, after, ok := strings.Cut(line, `"peer":"`)
+				id, _, _ := strings.Cut(after, `"`)
+				if !ok || id == "" {
+					continue
+				}
+				for _, o := range members {
+					if ol := o.node.Log(); strings.Contains(ol, `"id":"`+id+`"`) {
+						logf("  %s %s could not reach %s (%s); its log ends: %s", tag, s.name, o.name, id, tail(ol, 6))
+					}
+				}
+			}
 		}
 		c := h.Counts()
 		r.counted = c.ManifestGET
@@ -274,8 +291,8 @@ func BenchmarkHerd(b *testing.B) {
 }
 
 // shapeFair limits a device's egress to rate with HTB, small packets
-// (ACKs, requests: under 128 bytes) in a class of their own ahead of the
-// bulk, so a host that uploads at the link rate still acknowledges its
+// (ACKs, requests: under 128 bytes) and ARP in a class of their own ahead
+// of the bulk, so a host that uploads at the link rate still acknowledges its
 // downloads at once, and a short queue under each class. A real host's
 // fq_codel does both; this kernel has no fq_codel. tc is the command that runs tc (in the device's namespace).
 func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
@@ -301,6 +318,11 @@ func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
 	tc("qdisc", "add", "dev", d, "parent", "1:10", "pfifo", "limit", "64")
 	tc("qdisc", "add", "dev", d, "parent", "1:20", "pfifo", "limit", "64")
 	tc("filter", "add", "dev", d, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10")
+	// ARP too: in the bulk queue, a host whose uplink is full could not
+	// answer a new neighbour's ARP, so no new TCP connection to it could
+	// start (at 32 nodes, followers' dials timed out for 10 s). A real
+	// host's fq_codel keeps ARP out of the bulk flow's queue.
+	tc("filter", "add", "dev", d, "parent", "1:", "protocol", "arp", "prio", "2", "u32", "match", "u32", "0", "0", "flowid", "1:10")
 }
 
 // metricOf reads a metric, retrying for a while: a node whose uplink is

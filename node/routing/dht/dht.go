@@ -215,9 +215,9 @@ func New(ctx context.Context, cfg Config) (*Router, error) {
 		libp2p.NoTransports,
 		// No SO_REUSEPORT: dialling from the listen port makes a
 		// redial after a closed connection reuse its 4-tuple, which the
-		// other side may still hold in TIME_WAIT, and the dial then times
-		// out (at 32 nodes, a node could not reach the receiver the cache
-		// tier sent it to). A cluster has no NAT whose hole it would punch.
+		// other side may still hold in TIME_WAIT, and the dial then stalls
+		// (go-libp2p's known reuseport issue). A cluster has no NAT whose
+		// hole it would punch.
 		libp2p.Transport(tcp.NewTCPTransport, tcp.DisableReuseport()),
 		// Noise only: go-libp2p's TLS session keeps a read buffer of up
 		// to a record (16 KiB and more) for the life of each connection,
