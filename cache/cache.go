@@ -248,15 +248,21 @@ func (c *Cache) Ready(ctx context.Context) error {
 // Evict runs one eviction pass now (for tests and operators).
 func (c *Cache) Evict(ctx context.Context) error { return c.evict.run(ctx) }
 
-// drain waits for the flight's running fetches, if it can tell.
+// drain waits, up to DrainTimeout, for the flight's running fetches.
 func (c *Cache) drain() {
-	d, ok := c.cfg.Flight.(interface{ Drain(context.Context) error })
-	if !ok {
-		return
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.cfg.DrainTimeout)
 	defer cancel()
-	if err := d.Drain(ctx); err != nil {
+	if err := c.drainFlight(ctx); err != nil {
 		c.cfg.Logger.Warn("fetches still running at shutdown; their content is not cached", "err", err)
 	}
+}
+
+// drainFlight waits until the flight runs no fetch, if it can tell: every
+// commit, and the use it records, is done.
+func (c *Cache) drainFlight(ctx context.Context) error {
+	d, ok := c.cfg.Flight.(interface{ Drain(context.Context) error })
+	if !ok {
+		return nil
+	}
+	return d.Drain(ctx)
 }

@@ -17,13 +17,7 @@ func SetMaxSizeForTest(c *Cache, n int64) error {
 
 // DrainForTest waits until c's flight runs no fetch: every commit, and the
 // use it records, is done.
-func DrainForTest(ctx context.Context, c *Cache) error {
-	d, ok := c.cfg.Flight.(interface{ Drain(context.Context) error })
-	if !ok {
-		return nil
-	}
-	return d.Drain(ctx)
-}
+func DrainForTest(ctx context.Context, c *Cache) error { return c.drainFlight(ctx) }
 
 // HasBlobForTest reports whether blob d is in c's storage, without fetching it.
 func HasBlobForTest(ctx context.Context, c *Cache, d digest.Digest) (bool, error) {

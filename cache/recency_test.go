@@ -26,13 +26,7 @@ import (
 // redisClient is a client of a fresh private Redis.
 func redisClient(t *testing.T) *redis.Client {
 	t.Helper()
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
-	return rdb
+	return harness.RedisClient(t, harness.StartRedis(t))
 }
 
 // replica is one cache replica of a test on shared storage and Redis.

@@ -351,9 +351,9 @@ func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Rou
 		// ahead that answered by then are the fallbacks. With the
 		// addresses the cache tier passed on, no DHT lookup is needed.
 		ctx, cancel := context.WithTimeout(r.Context(), max(n.cfg.LookupTimeout, receiverResolveTimeout))
+		// Each goroutine writes only its own slot, read once all are done.
 		peers := make([]*routing.Peer, len(rs))
 		done := make([]chan struct{}, len(rs))
-		var mu sync.Mutex
 		for i, rc := range rs {
 			done[i] = make(chan struct{})
 			go func() {
@@ -361,9 +361,7 @@ func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Rou
 				for {
 					p, err := hr.Peer(ctx, rc.id, rc.addrs)
 					if err == nil {
-						mu.Lock()
 						peers[i] = &p
-						mu.Unlock()
 						return
 					}
 					if sleepCtx(ctx, receiverRetry) != nil {
@@ -382,13 +380,11 @@ func (n *Node) relayReceivers(w http.ResponseWriter, r *http.Request, rt oci.Rou
 		for _, d := range done {
 			<-d
 		}
-		mu.Lock()
 		for _, p := range peers {
 			if p != nil {
 				targets = append(targets, target{base: p.Addr, client: n.peers, peer: p, receiving: true})
 			}
 		}
-		mu.Unlock()
 	}
 	err := n.relay(w, r, rt, targets, direct, sourceReceiver)
 	if errors.Is(err, errNoSource) {

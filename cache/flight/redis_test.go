@@ -18,17 +18,6 @@ import (
 	"github.com/shoal-oci/shoal/test/harness"
 )
 
-func redisClient(t *testing.T, url string) *redis.Client {
-	t.Helper()
-	opt, err := redis.ParseURL(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := redis.NewClient(opt)
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // replica is one cache replica: its own Local group and Redis client.
 func replica(t *testing.T, client redis.UniversalClient, reg prometheus.Registerer, opts ...flight.Option) *flight.Redis {
 	t.Helper()
@@ -42,7 +31,7 @@ func TestRedisConformance(t *testing.T) {
 	flighttest.Conformance(t, func(t *testing.T) flighttest.Flight {
 		// A fresh key space per subtest, on the one server.
 		prefix := fmt.Sprintf("conformance%d:", n.Add(1))
-		return replica(t, redisClient(t, url), nil, flight.WithKeyPrefix(prefix))
+		return replica(t, harness.RedisClient(t, url), nil, flight.WithKeyPrefix(prefix))
 	})
 }
 
@@ -51,8 +40,8 @@ func TestRedis(t *testing.T) {
 
 	t.Run("second_replica_reads_what_the_first_committed", func(t *testing.T) {
 		regA, regB := prometheus.NewRegistry(), prometheus.NewRegistry()
-		a := replica(t, redisClient(t, url), regA)
-		b := replica(t, redisClient(t, url), regB)
+		a := replica(t, harness.RedisClient(t, url), regA)
+		b := replica(t, harness.RedisClient(t, url), regB)
 		store, key := flighttest.NewStore(), "sha256:shared"
 		src := flighttest.Source(t, 32<<10)
 		var fetches atomic.Int32
@@ -110,16 +99,16 @@ func TestRedis(t *testing.T) {
 		if got := gauge(t, regB, "shoal_flight_deduplicated_total"); got != 1 {
 			t.Errorf("B deduplicated = %v, want 1", got)
 		}
-		probe := redisClient(t, url)
+		probe := harness.RedisClient(t, url)
 		waitFor(t, func() bool { return probe.Exists(t.Context(), "shoal:flight:"+key).Val() == 0 })
 	})
 
 	t.Run("lease_of_a_dead_replica_is_taken_over", func(t *testing.T) {
 		ttl := 300 * time.Millisecond
-		clientA := redisClient(t, url)
+		clientA := harness.RedisClient(t, url)
 		regB := prometheus.NewRegistry()
 		a := replica(t, clientA, nil, flight.WithLeaseTTL(ttl))
-		b := replica(t, redisClient(t, url), regB, flight.WithLeaseTTL(ttl))
+		b := replica(t, harness.RedisClient(t, url), regB, flight.WithLeaseTTL(ttl))
 		store, key := flighttest.NewStore(), "sha256:takeover"
 		src := flighttest.Source(t, 16<<10)
 
@@ -163,7 +152,7 @@ func TestRedis(t *testing.T) {
 
 	t.Run("lease_is_renewed_while_the_fetch_runs", func(t *testing.T) {
 		ttl := 200 * time.Millisecond
-		a := replica(t, redisClient(t, url), nil, flight.WithLeaseTTL(ttl))
+		a := replica(t, harness.RedisClient(t, url), nil, flight.WithLeaseTTL(ttl))
 		store, key := flighttest.NewStore(), "sha256:renew"
 		release := make(chan struct{})
 		r, err := a.Do(t.Context(), key, store.Job(key, func(ctx context.Context, w io.Writer) error {
@@ -176,7 +165,7 @@ func TestRedis(t *testing.T) {
 		}
 		defer r.Body.Close()
 		time.Sleep(3 * ttl)
-		n := redisClient(t, url).Exists(t.Context(), "shoal:flight:"+key).Val()
+		n := harness.RedisClient(t, url).Exists(t.Context(), "shoal:flight:"+key).Val()
 		close(release)
 		if n != 1 {
 			t.Fatalf("lease gone after 3×ttl of a running fetch")
@@ -185,7 +174,7 @@ func TestRedis(t *testing.T) {
 	})
 
 	t.Run("failed_fetch_releases_the_lease", func(t *testing.T) {
-		a := replica(t, redisClient(t, url), nil)
+		a := replica(t, harness.RedisClient(t, url), nil)
 		store, key := flighttest.NewStore(), "sha256:release-on-error"
 		r, err := a.Do(t.Context(), key, store.Job(key, func(ctx context.Context, w io.Writer) error {
 			return errors.New("upstream 500")
@@ -197,18 +186,18 @@ func TestRedis(t *testing.T) {
 			t.Fatal("read of a failed fetch succeeded")
 		}
 		r.Body.Close()
-		if n := redisClient(t, url).Exists(t.Context(), "shoal:flight:"+key).Val(); n != 0 {
+		if n := harness.RedisClient(t, url).Exists(t.Context(), "shoal:flight:"+key).Val(); n != 0 {
 			t.Fatal("lease still held after the fetch failed")
 		}
 	})
 
 	t.Run("waiting_caller_respects_its_context", func(t *testing.T) {
 		key := "sha256:held"
-		other := redisClient(t, url)
+		other := harness.RedisClient(t, url)
 		if err := other.Set(t.Context(), "shoal:flight:"+key, "someone-else", 10*time.Second).Err(); err != nil {
 			t.Fatal(err)
 		}
-		b := replica(t, redisClient(t, url), nil)
+		b := replica(t, harness.RedisClient(t, url), nil)
 		store := flighttest.NewStore()
 		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
 		defer cancel()

@@ -22,12 +22,7 @@ func (h *downHealth) Report(err error) { h.reported = err }
 // is sent to it; the third, on A, to both, nearest first. A forced node is
 // served. With Redis down, a replica tracks its herds alone.
 func TestSharedHerdSpansReplicas(t *testing.T) {
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := harness.RedisClient(t, harness.StartRedis(t))
 	ta, _, _ := newTracker(t, 1)
 	tb, _, _ := newTracker(t, 1)
 	a, b := NewShared(rdb, "t:herd:", ta, nil, nil), NewShared(rdb, "t:herd:", tb, nil, nil)
@@ -89,12 +84,7 @@ func (u *upThenReport) Report(err error) { u.h.Report(err) }
 // addresses as the receiver last gave them, by the local tracker and by
 // the shared one alike.
 func TestHerdPassesAddresses(t *testing.T) {
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := harness.RedisClient(t, harness.StartRedis(t))
 	local, _, _ := newTracker(t, 1)
 	other, _, _ := newTracker(t, 1)
 	for name, j := range map[string]joiner{"local": local, "shared": NewShared(rdb, "t:addrs:", other, nil, nil)} {

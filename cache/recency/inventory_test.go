@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/shoal-oci/shoal/test/harness"
 )
@@ -16,12 +15,7 @@ import (
 // its blobs would pass for unreferenced); a manifest stored before the walk
 // that the walk did not find is dropped, in the old value format too.
 func TestReplaceKeepsWhatWasStoredDuringTheWalk(t *testing.T) {
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rdb := redis.NewClient(opts)
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := harness.RedisClient(t, harness.StartRedis(t))
 	ctx := context.Background()
 	r := NewRedis(rdb, "t:evict:", nil, nil)
 	started := time.Now()

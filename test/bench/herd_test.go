@@ -301,13 +301,7 @@ func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
 	if _, err := fmt.Sscanf(rate, "%fmbit", &mbit); err != nil {
 		b.Fatalf("rate %q: want <n>mbit", rate)
 	}
-	tc := func(args ...string) {
-		b.Helper()
-		all := append(append([]string(nil), tcCmd...), args...)
-		if out, err := exec.Command(all[0], all[1:]...).CombinedOutput(); err != nil {
-			b.Fatalf("%s: %v\n%s", strings.Join(all, " "), err, out)
-		}
-	}
+	tc := func(args ...string) { b.Helper(); runTC(b, tcCmd, args...) }
 	r := func(f float64) string { return fmt.Sprintf("%.0fkbit", mbit*1000*f) }
 	tc("qdisc", "replace", "dev", d, "root", "handle", "1:", "htb", "default", "20")
 	tc("class", "add", "dev", d, "parent", "1:", "classid", "1:1", "htb", "rate", r(1), "ceil", r(1), "burst", "512kb", "quantum", "60000")
@@ -323,6 +317,16 @@ func shapeFair(b *testing.B, rate, d string, tcCmd ...string) {
 	// start (at 32 nodes, followers' dials timed out for 10 s). A real
 	// host's fq_codel keeps ARP out of the bulk flow's queue.
 	tc("filter", "add", "dev", d, "parent", "1:", "protocol", "arp", "prio", "2", "u32", "match", "u32", "0", "0", "flowid", "1:10")
+}
+
+// runTC runs tcCmd (tc, or a command that runs tc in a namespace) with
+// args, and fails b if it fails.
+func runTC(b *testing.B, tcCmd []string, args ...string) {
+	b.Helper()
+	all := append(append([]string(nil), tcCmd...), args...)
+	if out, err := exec.Command(all[0], all[1:]...).CombinedOutput(); err != nil {
+		b.Fatalf("%s: %v\n%s", strings.Join(all, " "), err, out)
+	}
 }
 
 // metricOf reads a metric, retrying for a while: a node whose uplink is

@@ -269,12 +269,7 @@ func BenchmarkCacheReplicasLAN(b *testing.B) {
 // through its own link; other traffic is not limited.
 func shapePerPort(b *testing.B, rate, d string, ports []string) {
 	b.Helper()
-	tc := func(args ...string) {
-		b.Helper()
-		if out, err := exec.Command("tc", args...).CombinedOutput(); err != nil {
-			b.Fatalf("tc %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
+	tc := func(args ...string) { b.Helper(); runTC(b, []string{"tc"}, args...) }
 	tc("qdisc", "replace", "dev", d, "root", "handle", "1:", "htb", "default", "99")
 	tc("class", "add", "dev", d, "parent", "1:", "classid", "1:99", "htb", "rate", "10gbit")
 	for i, p := range ports {

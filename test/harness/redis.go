@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Redis is a private redis-server owned by one test, for fault injection:
@@ -67,6 +69,19 @@ func (c *child) signal(sig syscall.Signal) {
 // StartRedis starts a private redis-server and returns its URL; see
 // StartRedisServer.
 func StartRedis(t testing.TB) string { return StartRedisServer(t).URL }
+
+// RedisClient returns a go-redis client of the Redis at url, closed in
+// t.Cleanup.
+func RedisClient(t testing.TB, url string) *redis.Client {
+	t.Helper()
+	opts, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := redis.NewClient(opts)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
 
 // StartRedisServer starts a private redis-server (SHOAL_REDIS_BIN, else
 // redis-server on PATH) on a random 127.0.0.1 port, with no persistence.

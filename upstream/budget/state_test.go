@@ -14,13 +14,7 @@ import (
 // newRedis returns a client to a fresh redis-server that stops with the test.
 func newRedis(t *testing.T) redis.UniversalClient {
 	t.Helper()
-	opts, err := redis.ParseURL(harness.StartRedis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := redis.NewClient(opts)
-	t.Cleanup(func() { _ = c.Close() })
-	return c
+	return harness.RedisClient(t, harness.StartRedis(t))
 }
 
 // stateImpls lists every State implementation; each runs the same suite.
