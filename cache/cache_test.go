@@ -30,7 +30,15 @@ type fixture struct {
 	c     *cache.Cache
 	clock *clock
 	ns    string
+	// handlers counts the cache's requests in progress: a client has a
+	// whole body before the handler's deferred work (a blob's last recency
+	// touch) is done.
+	handlers *sync.WaitGroup
 }
+
+// settle waits until every request to the cache has returned from its
+// handler, so that what it recorded was recorded at the clock's time now.
+func (f *fixture) settle() { f.handlers.Wait() }
 
 type clock struct {
 	mu sync.Mutex
@@ -86,9 +94,14 @@ func newFixtureBudget(t *testing.T, hubOpts []hub.Option, bud *budget.Budget, mu
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(c)
+	handlers := &sync.WaitGroup{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handlers.Add(1)
+		defer handlers.Done()
+		c.ServeHTTP(w, r)
+	}))
 	t.Cleanup(srv.Close)
-	return &fixture{hub: h, srv: srv, c: c, clock: clk, ns: h.Host()}
+	return &fixture{hub: h, srv: srv, c: c, clock: clk, ns: h.Host(), handlers: handlers}
 }
 
 func (f *fixture) get(t *testing.T, method, path string, hdr ...string) (*http.Response, []byte) {

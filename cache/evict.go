@@ -120,14 +120,15 @@ func (e *evictor) hold(d digest.Digest) (stop func()) {
 		for {
 			select {
 			case <-done:
-				e.touch(d)
 				return
 			case <-t.C:
 				e.touch(d)
 			}
 		}
 	}()
-	return func() { close(done) }
+	// The last use is the response's end, recorded before the handler
+	// returns, not later on another goroutine.
+	return func() { close(done); e.touch(d) }
 }
 
 // shared raises each known use to the latest any replica recorded. If the

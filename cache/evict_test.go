@@ -68,6 +68,7 @@ func TestEvictionKeepsReferencedBlobs(t *testing.T) {
 		if resp, _ := f.get(t, "GET", "/v2/"+repo+"/"+kind+"/"+ref); resp.StatusCode != 200 {
 			t.Fatalf("GET %s %s: %d", repo, ref, resp.StatusCode)
 		}
+		f.settle() // the use is recorded before the clock moves on
 	}
 	dShared, nShared := layerDigest(t, shared)
 	dA, nA := layerDigest(t, onlyA)
