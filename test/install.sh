@@ -17,6 +17,7 @@ CONFORMANCE_V=v0.0.0-20260831232431-97274622c111
 HELM_V=v3.22.0
 ETCD_V=v3.6.5
 KUBE_V=v1.35.0
+COREDNS_V=v1.15.0
 # SeaweedFS: the module proxy serves this one pseudo-version (no tags).
 WEED_V=v0.0.0-20261109003541-7506e5f91cd6
 
@@ -28,6 +29,11 @@ command -v redis-sentinel >/dev/null || apt_pkgs+=(redis-sentinel)
 command -v prometheus >/dev/null || apt_pkgs+=(prometheus)
 command -v nginx >/dev/null || apt_pkgs+=(nginx-light)
 command -v ip >/dev/null || apt_pkgs+=(iproute2)
+# The kubelet cluster test: runc, the CNI plugins, and iptables for kube-proxy.
+command -v runc >/dev/null || apt_pkgs+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || apt_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null || apt_pkgs+=(iptables)
+command -v conntrack >/dev/null || apt_pkgs+=(conntrack)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || apt_pkgs+=(ca-certificates)
 if ((${#apt_pkgs[@]})); then
   log "apt-get install ${apt_pkgs[*]}"
@@ -52,6 +58,9 @@ gobin() { # name version pkg...
 gobin containerd "$CONTAINERD_V2" \
   "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_V2" \
   "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_V2"
+# The kubelet cluster's containerd runs containers: it needs the runc shim.
+gobin containerd-shim "$CONTAINERD_V2" \
+  "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_V2"
 
 # wrapbuild name version module@version package: builds a main package of a
 # module that `go install` refuses (exclude or replace directives) through a
@@ -92,9 +101,13 @@ gobin helm "$HELM_V" "helm.sh/helm/v3/cmd/helm@$HELM_V"
 de=$BIN/etcd-$ETCD_V
 wrapbuild etcd "$ETCD_V" "go.etcd.io/etcd/server/v3@$ETCD_V" go.etcd.io/etcd/server/v3
 
-dk=$BIN/kube-apiserver-$KUBE_V
-if [[ ! -x $dk/.done ]]; then
-  log "building kube-apiserver $KUBE_V (wrapper module, ~6 min cold)"
+# kubebuild name pkg...: builds k8s.io/kubernetes commands at $KUBE_V into
+# $BIN/name-$KUBE_V through a wrapper module (its go.mod pins every staging
+# module, which `go install` cannot).
+kubebuild() {
+  local name=$1 dir=$BIN/$1-$KUBE_V w sv minor ldf m; shift
+  [[ -x $dir/.done ]] && return 0
+  log "building $name $KUBE_V: ${*##*/} (wrapper module)"
   w=$(mktemp -d)
   sv=v0.${KUBE_V#v1.}
   {
@@ -114,11 +127,19 @@ if [[ ! -x $dk/.done ]]; then
   } >"$w/go.mod"
   minor=${KUBE_V#v1.}; minor=${minor%%.*}
   ldf="-X k8s.io/component-base/version.gitVersion=$KUBE_V -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
-  (cd "$w" && mkdir -p "$dk" &&
-    GOFLAGS=-mod=mod go build -ldflags "$ldf" -o "$dk/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver)
+  (cd "$w" && mkdir -p "$dir" && GOFLAGS=-mod=mod go build -ldflags "$ldf" -o "$dir/" "$@")
   rm -rf "$w"
-  touch "$dk/.done"; chmod +x "$dk/.done"
-fi
+  touch "$dir/.done"; chmod +x "$dir/.done"
+}
+# kube-apiserver alone takes ~6 min cold; the node and control-plane commands
+# of the kubelet cluster test share most of its build.
+dk=$BIN/kube-apiserver-$KUBE_V
+kubebuild kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+dkn=$BIN/kube-cluster-$KUBE_V
+kubebuild kube-cluster k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubectl
+# The cluster's DNS, as kubeadm installs it.
+gobin coredns "$COREDNS_V" "github.com/coredns/coredns@$COREDNS_V"
 
 # A real S3-compatible object store for the cache tier's replicas (~6 min cold).
 dw=$BIN/weed-$WEED_V
@@ -136,5 +157,12 @@ export SHOAL_CONFORMANCE_BIN=$dc/conformance.test
 export SHOAL_HELM_BIN=$BIN/helm-$HELM_V/helm
 export SHOAL_ETCD_BIN=$de/etcd
 export SHOAL_KUBE_APISERVER_BIN=$dk/kube-apiserver
+export SHOAL_KUBELET_BIN=$dkn/kubelet
+export SHOAL_KUBE_CONTROLLER_MANAGER_BIN=$dkn/kube-controller-manager
+export SHOAL_KUBE_SCHEDULER_BIN=$dkn/kube-scheduler
+export SHOAL_KUBE_PROXY_BIN=$dkn/kube-proxy
+export SHOAL_KUBECTL_BIN=$dkn/kubectl
+export SHOAL_COREDNS_BIN=$BIN/coredns-$COREDNS_V/coredns
+export SHOAL_CONTAINERD_SHIM_BIN=$BIN/containerd-shim-$CONTAINERD_V2/containerd-shim-runc-v2
 export SHOAL_WEED_BIN=$dw/weed
 ENV

@@ -26,11 +26,15 @@ import (
 	"github.com/shoal-oci/shoal/test/harness"
 )
 
-// apiServer is a real etcd + kube-apiserver on loopback, with no scheduler
-// or kubelet: objects are validated and stored, pods never run.
+// apiServer is a real etcd + kube-apiserver, with no scheduler or kubelet
+// of its own: objects are validated and stored; pods run only where a
+// kubeCluster adds nodes.
 type apiServer struct {
 	kubeconfig string
 	dir        string
+	server     string // https://IP:port
+	caPEM      []byte // the serving certificate, its own CA
+	saKey      string // the service-account signing key (PEM file)
 }
 
 func (a *apiServer) env() []string {
@@ -49,6 +53,13 @@ func writePEM(t *testing.T, path, typ string, der []byte) {
 // signing key and a static admin token, and stops them in t.Cleanup.
 func startAPIServer(t *testing.T) *apiServer {
 	t.Helper()
+	return startAPIServerOn(t, "127.0.0.1")
+}
+
+// startAPIServerOn is startAPIServer with kube-apiserver serving on ip (etcd
+// stays on loopback), for kubelets in other network namespaces.
+func startAPIServerOn(t *testing.T, ip string) *apiServer {
+	t.Helper()
 	etcdBin := harness.Binary(t, "SHOAL_ETCD_BIN", "etcd")
 	apiBin := harness.Binary(t, "SHOAL_KUBE_APISERVER_BIN", "kube-apiserver")
 	dir := t.TempDir()
@@ -63,7 +74,8 @@ func startAPIServer(t *testing.T) *apiServer {
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, BasicConstraintsValid: true, IsCA: true,
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, DNSNames: []string{"localhost"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP(ip), net.ParseIP("10.96.0.1")},
+		DNSNames:    []string{"localhost", "kubernetes.default.svc.cluster.local"},
 	}
 	certDER, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
@@ -94,16 +106,17 @@ func startAPIServer(t *testing.T) *apiServer {
 		"--initial-cluster=shoal-test="+peerURL, "--unsafe-no-fsync", "--log-level=warn")
 	daemon(t, dir, "kube-apiserver", apiBin,
 		"--etcd-servers="+etcdURL,
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", apiPort),
+		"--bind-address="+ip, "--advertise-address="+ip, fmt.Sprintf("--secure-port=%d", apiPort),
 		"--tls-cert-file="+filepath.Join(dir, "tls.crt"), "--tls-private-key-file="+filepath.Join(dir, "tls.key"),
 		"--cert-dir="+filepath.Join(dir, "certs"),
 		"--token-auth-file="+filepath.Join(dir, "tokens.csv"), "--authorization-mode=RBAC",
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file="+filepath.Join(dir, "sa.pub"),
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
-		"--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true", "--v=0")
+		"--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
+		"--kubelet-preferred-address-types=InternalIP", "--v=0")
 
-	server := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	server := fmt.Sprintf("https://%s:%d", ip, apiPort)
 	kc := map[string]any{
 		"apiVersion": "v1", "kind": "Config", "current-context": "test",
 		"clusters": []any{map[string]any{"name": "test", "cluster": map[string]any{
@@ -112,7 +125,8 @@ func startAPIServer(t *testing.T) *apiServer {
 		"contexts": []any{map[string]any{"name": "test", "context": map[string]any{"cluster": "test", "user": "admin"}}},
 	}
 	b, _ := yaml.Marshal(kc)
-	a := &apiServer{kubeconfig: filepath.Join(dir, "kubeconfig"), dir: dir}
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certDER})
+	a := &apiServer{kubeconfig: filepath.Join(dir, "kubeconfig"), dir: dir, server: server, caPEM: caPEM, saKey: filepath.Join(dir, "sa.key")}
 	if err := os.WriteFile(a.kubeconfig, b, 0o600); err != nil {
 		t.Fatal(err)
 	}

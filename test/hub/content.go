@@ -103,10 +103,13 @@ func (h *Hub) Retag(t testing.TB, repo, tag string, img v1.Image) digest.Digest 
 	return h.Push(t, repo, tag, img)
 }
 
+// AdminHost is the admin listener's "127.0.0.1:P", for pushing with other
+// clients (oras push): like Push, it bypasses tokens, limits and counters.
+func (h *Hub) AdminHost() string { return strings.TrimPrefix(h.admin.URL, "http://") }
+
 func (h *Hub) adminTag(t testing.TB, repo, tag string) name.Tag {
 	t.Helper()
-	host := strings.TrimPrefix(h.admin.URL, "http://")
-	ref, err := name.NewTag(fmt.Sprintf("%s/%s:%s", host, repo, tag), name.Insecure)
+	ref, err := name.NewTag(fmt.Sprintf("%s/%s:%s", h.AdminHost(), repo, tag), name.Insecure)
 	if err != nil {
 		t.Fatalf("hub: reference: %v", err)
 	}

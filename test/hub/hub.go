@@ -58,6 +58,7 @@ type config struct {
 	anonLimit int
 	window    time.Duration
 	tokenTTL  time.Duration
+	listen    string
 }
 
 // WithAccount adds an account that may log in at /token with basic auth.
@@ -82,6 +83,13 @@ func WithWindow(d time.Duration) Option {
 // reported as expires_in, in whole seconds (at least 1).
 func WithTokenTTL(d time.Duration) Option {
 	return func(c *config) { c.tokenTTL = d }
+}
+
+// WithListenAddr serves the registry (the front, not the admin side) on
+// addr, "IP:0", instead of 127.0.0.1: an address of the test's own network
+// namespaces, for clients that run inside them.
+func WithListenAddr(addr string) Option {
+	return func(c *config) { c.listen = addr }
 }
 
 // Counts is a snapshot of the hub's request counters. Admin traffic (Push,
@@ -184,8 +192,8 @@ func Start(t testing.TB, opts ...Option) *Hub {
 		sawBasic:     map[string]bool{},
 	}
 	h.stall.Store(-1)
-	h.front = serve(ctx, h)
-	h.admin = serve(ctx, app)
+	h.front = serve(t, ctx, h, cfg.listen)
+	h.admin = serve(t, ctx, app, "")
 	h.realm = h.front.URL + "/token"
 	t.Cleanup(func() {
 		h.front.CloseClientConnections()
@@ -197,7 +205,8 @@ func Start(t testing.TB, opts ...Option) *Hub {
 	return h
 }
 
-// URL returns the hub's base URL, "http://127.0.0.1:P".
+// URL returns the hub's base URL, "http://127.0.0.1:P" (or the address
+// WithListenAddr gave).
 func (h *Hub) URL() string { return h.front.URL }
 
 // Host returns the hub's "127.0.0.1:P".

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"strings"
+	"testing"
 
 	"github.com/sirupsen/logrus"
 )
@@ -39,10 +40,19 @@ func (q *quiet) Value(key any) any {
 	return q.Context.Value(key)
 }
 
-// serve starts an httptest server on 127.0.0.1 whose requests carry ctx's
-// values (and so its quiet logger).
-func serve(ctx context.Context, h http.Handler) *httptest.Server {
+// serve starts an httptest server on 127.0.0.1, or on addr when it is set,
+// whose requests carry ctx's values (and so its quiet logger).
+func serve(t testing.TB, ctx context.Context, h http.Handler, addr string) *httptest.Server {
+	t.Helper()
 	s := httptest.NewUnstartedServer(h)
+	if addr != "" {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatalf("hub listen %s: %v", addr, err)
+		}
+		s.Listener.Close()
+		s.Listener = l
+	}
 	s.Config.BaseContext = func(net.Listener) context.Context { return ctx }
 	s.Start()
 	return s
