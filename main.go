@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -126,10 +127,11 @@ func envName(flagName string) string {
 }
 
 // daemonFlags defines the flags every long-running command shares.
-func (f *flags) daemonFlags() (grace *time.Duration, logLevel, pprofAddr *string) {
+func (f *flags) daemonFlags() (grace *time.Duration, logLevel, pprofAddr, addrFile *string) {
 	return f.Duration("shutdown-grace", 30*time.Second, "how long in-flight responses may take to finish on shutdown"),
 		f.String("log-level", "info", "debug, info, warn or error"),
-		f.String("pprof-addr", "", "address for Go's /debug/pprof profiles (heap, CPU, goroutines); empty disables. Keep it on loopback: profiles show memory contents")
+		f.String("pprof-addr", "", "address for Go's /debug/pprof profiles (heap, CPU, goroutines); empty disables. Keep it on loopback: profiles show memory contents"),
+		f.String("addr-file", "", "once every port is open, write the addresses bound (JSON) to this file, for tools that start the daemon with port 0 in its addresses (host:0)")
 }
 
 // parse applies environment twins, then the command line.
@@ -214,10 +216,48 @@ func withOps(h http.Handler, ops http.Handler) http.Handler {
 	})
 }
 
-// listener is one more HTTP server a daemon runs beside its main one.
+// listener is one more HTTP server a daemon runs beside its main one, on a
+// port it has already bound; name is its key in the --addr-file.
 type listener struct {
-	addr string
+	name string
+	ln   net.Listener
 	h    http.Handler
+}
+
+// bind listens on addr for the flag named name; a port of 0 picks a free one.
+func bind(name, addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--%s %s: %w", name, addr, err)
+	}
+	return ln, nil
+}
+
+// boundAddr is addr (a flag's host:port) with the port ln bound, so ":0"
+// becomes ":41234" and a host given stays as given.
+func boundAddr(addr string, ln net.Listener) string {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ln.Addr().String()
+	}
+	return net.JoinHostPort(host, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+}
+
+// writeAddrFile writes addrs as JSON to path, atomically (a temporary file
+// renamed into place), so a reader sees all of it or nothing.
+func writeAddrFile(path string, addrs map[string]any) error {
+	b, err := json.MarshalIndent(addrs, "", "  ")
+	if err != nil {
+		return fmt.Errorf("--addr-file: %w", err)
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("--addr-file: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("--addr-file: %w", err)
+	}
+	return nil
 }
 
 // recoverPanics turns a panic in h into an error log line, a count and a
@@ -285,15 +325,13 @@ func (w *startWriter) Flush() {
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (w *startWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// serve runs servers until ctx ends, then shuts them down gracefully: it
-// stops accepting, and lets in-flight responses finish within grace.
-func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers ...*http.Server) error {
+// serve runs each server on its listener (lns[i] for servers[i]) until ctx
+// ends, then shuts them down gracefully: it stops accepting, and lets
+// in-flight responses finish within grace.
+func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers []*http.Server, lns []net.Listener) error {
 	errc := make(chan error, len(servers))
-	for _, s := range servers {
-		ln, err := net.Listen("tcp", s.Addr)
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", s.Addr, err)
-		}
+	for i, s := range servers {
+		ln := lns[i]
 		log.Info("listening", "addr", ln.Addr().String())
 		go func(s *http.Server) {
 			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -356,11 +394,19 @@ func servePprof(ctx context.Context, log *slog.Logger, addr string) error {
 	return nil
 }
 
-// runDaemon serves h on addr (with /healthz and /readyz) and the ops
-// endpoints on metricsAddr until ctx ends; then it stops the background work
-// and waits for it (runErr) before returning.
-func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, grace time.Duration, addr, metricsAddr string,
-	h http.Handler, reg *prometheus.Registry, ready func() error, runErr <-chan error, extra ...listener) error {
+// addrReport says where runDaemon writes the addresses it serves on
+// (--addr-file; empty path: nowhere), with info to add (the node's DHT
+// addresses).
+type addrReport struct {
+	path string
+	info map[string]any
+}
+
+// runDaemon serves h on main (with /healthz and /readyz), each extra on its
+// listener, and the ops endpoints on metricsAddr until ctx ends; then it
+// stops the background work and waits for it (runErr) before returning.
+func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, grace time.Duration, main listener, metricsAddr string,
+	reg *prometheus.Registry, ready func() error, runErr <-chan error, report addrReport, extra ...listener) error {
 	ops := opsHandler(reg, ready)
 	panics := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "shoal_panics_total", Help: "Panics recovered while serving a request (each one is logged at error level).",
@@ -368,14 +414,32 @@ func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, g
 	if err := reg.Register(panics); err != nil {
 		return fmt.Errorf("register metrics: %w", err)
 	}
-	servers := []*http.Server{newServer(addr, withOps(recoverPanics(h, log, panics), ops), log)}
+	addrs := map[string]any{main.name: main.ln.Addr().String()}
+	for k, v := range report.info {
+		addrs[k] = v
+	}
+	servers := []*http.Server{newServer(main.ln.Addr().String(), withOps(recoverPanics(main.h, log, panics), ops), log)}
+	lns := []net.Listener{main.ln}
 	for _, l := range extra {
-		servers = append(servers, newServer(l.addr, recoverPanics(l.h, log, panics), log))
+		servers = append(servers, newServer(l.ln.Addr().String(), recoverPanics(l.h, log, panics), log))
+		lns = append(lns, l.ln)
+		addrs[l.name] = l.ln.Addr().String()
 	}
 	if metricsAddr != "" {
-		servers = append(servers, newServer(metricsAddr, ops, log))
+		ln, err := bind("metrics-addr", metricsAddr)
+		if err != nil {
+			return err
+		}
+		servers = append(servers, newServer(ln.Addr().String(), ops, log))
+		lns = append(lns, ln)
+		addrs["metrics"] = ln.Addr().String()
 	}
-	err := serve(ctx, log, grace, servers...)
+	if report.path != "" {
+		if err := writeAddrFile(report.path, addrs); err != nil {
+			return err
+		}
+	}
+	err := serve(ctx, log, grace, servers, lns)
 	stop()
 	if rerr := <-runErr; rerr != nil && err == nil {
 		err = rerr
@@ -397,33 +461,33 @@ func newServer(addr string, h http.Handler, log *slog.Logger) *http.Server {
 func runNode(args []string, stderr io.Writer) error {
 	f := newFlags("node", "Run the per-node mirror: serve what this node's containerd holds, find the rest on peers through the DHT, and forward cluster-wide misses to the cache tier.", stderr)
 	var (
-		sock                       = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
-		namespace                  = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
-		contentDir                 = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
-		ctrdConfig                 = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
-		ctrdPoll                   = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
-		layoutDir                  = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
-		registryAddr               = f.String("registry-addr", "127.0.0.1:5000", "address of the registry (mirror) HTTP server that this node's containerd uses; keep it on loopback so that no pod can read the node's content through it")
-		peerAddr                   = f.String("peer-addr", ":5002", "address of the peer HTTP server that other nodes fetch from; with --psk-file every request must carry a credential derived from the PSK; empty serves peers on the registry port (no separation)")
-		advertise                  = f.String("advertise-addr", "", "host:port peers use to reach this node's peer server (default: the --peer-addr port, else the --registry-addr port, on the node's DHT address)")
-		routerAddr                 = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
-		metricsAddr                = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir                    = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
-		cacheURL                   = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
-		cacheToken                 = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
-		cacheCA                    = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
-		zone                       = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
-		pskFile                    = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join. Only with a PSK do peers answer tag requests (when the cache tier cannot): without one, tags resolve only through the cache tier or this node's containerd")
-		providerTTL                = f.Duration("provider-ttl", 30*time.Minute, "how long a DHT provider record lives; a withdrawn key may cost a requester one 404 until then (dead nodes are skipped at once)")
-		replication                = f.Int("provider-replication", dht.DefaultReplicationFactor, "how many of the closest DHT peers keep each provider record")
-		hedge                      = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
-		idleTimeout                = f.Duration("relay-idle-timeout", 10*time.Second, "fail a relayed body (peer or cache tier) that sends no bytes for this long; a peer transfer then resumes on another source")
-		stripeMin                  = f.String("stripe-min-size", "32MiB", "fetch blobs (or requested ranges) at least this large from several peers at once, as parallel ranges, when several hold them")
-		stripePeers                = f.Int("stripe-max-peers", 4, "at most this many peers serve one striped fetch; 1 turns striping off")
-		verifyBlobs                = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
-		grace, logLevel, pprofAddr = f.daemonFlags()
-		bootstrap                  listFlag
-		registries                 listFlag
+		sock                                 = f.String("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+		namespace                            = f.String("containerd-namespace", "k8s.io", "containerd namespace whose images are served")
+		contentDir                           = f.String("containerd-content-dir", "", "containerd's content directory, for zero-copy serving (default: asked from containerd)")
+		ctrdConfig                           = f.String("containerd-config", "/etc/containerd/config.toml", "containerd's config.toml, checked at start for settings that prevent mirroring (optional)")
+		ctrdPoll                             = f.Duration("containerd-poll-interval", 10*time.Second, "rescan containerd's images this often, catching what its events miss (containerd 1.7 sends none for transfer-service pulls)")
+		layoutDir                            = f.String("layout-dir", "", "serve an OCI image-layout directory instead of containerd (dev, air-gapped sites, tests)")
+		registryAddr                         = f.String("registry-addr", "127.0.0.1:5000", "address of the registry (mirror) HTTP server that this node's containerd uses; keep it on loopback so that no pod can read the node's content through it")
+		peerAddr                             = f.String("peer-addr", ":5002", "address of the peer HTTP server that other nodes fetch from; with --psk-file every request must carry a credential derived from the PSK; empty serves peers on the registry port (no separation)")
+		advertise                            = f.String("advertise-addr", "", "host:port peers use to reach this node's peer server (default: the --peer-addr port, else the --registry-addr port, on the node's DHT address)")
+		routerAddr                           = f.String("router-addr", ":5001", "libp2p DHT listen address (host:port or multiaddr); empty disables peers")
+		metricsAddr                          = f.String("metrics-addr", ":9090", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir                              = f.String("data-dir", "/var/lib/shoal", "directory for the node's persistent identity key")
+		cacheURL                             = f.String("cache-url", "", "base URL of the cache tier (http or https) for cluster-wide misses and tag resolution")
+		cacheToken                           = f.String("cache-token-file", "", "file holding the bearer token the cache tier requires (--client-token-file there)")
+		cacheCA                              = f.String("cache-ca-file", "", "PEM bundle of the CAs that sign an https --cache-url (default: the system roots)")
+		zone                                 = f.String("zone", "", "this node's topology zone; peers in the same zone are preferred")
+		pskFile                              = f.String("psk-file", "", "libp2p pre-shared key (swarm.key format); only nodes with the same key can join. Only with a PSK do peers answer tag requests (when the cache tier cannot): without one, tags resolve only through the cache tier or this node's containerd")
+		providerTTL                          = f.Duration("provider-ttl", 30*time.Minute, "how long a DHT provider record lives; a withdrawn key may cost a requester one 404 until then (dead nodes are skipped at once)")
+		replication                          = f.Int("provider-replication", dht.DefaultReplicationFactor, "how many of the closest DHT peers keep each provider record")
+		hedge                                = f.Duration("hedge-delay", 150*time.Millisecond, "wait this long for a peer's answer before asking the next one too")
+		idleTimeout                          = f.Duration("relay-idle-timeout", 10*time.Second, "fail a relayed body (peer or cache tier) that sends no bytes for this long; a peer transfer then resumes on another source")
+		stripeMin                            = f.String("stripe-min-size", "32MiB", "fetch blobs (or requested ranges) at least this large from several peers at once, as parallel ranges, when several hold them")
+		stripePeers                          = f.Int("stripe-max-peers", 4, "at most this many peers serve one striped fetch; 1 turns striping off")
+		verifyBlobs                          = f.Bool("verify-blobs", false, "hash relayed blobs and hold back their last chunk until the digest checks out, for clients that do not verify (containerd does); costs the zero-copy relay")
+		grace, logLevel, pprofAddr, addrFile = f.daemonFlags()
+		bootstrap                            listFlag
+		registries                           listFlag
 	)
 	f.Var(&bootstrap, "bootstrap-peers", "peers to join: multiaddrs (with or without /p2p/<id>), host:port, or DNS names such as a headless Service (re-resolved periodically); repeatable or comma-separated")
 	f.Var(&registries, "mirrored-registries", "registries this node mirrors; requests for others get 404 so containerd moves on (default: empty, every registry)")
@@ -487,15 +551,28 @@ func runNode(args []string, stderr io.Writer) error {
 		}
 		cfg.PeerKey = auth.NewPeerKey(psk)
 	}
+	// Ports are bound first: with port 0 in an address, what the DHT
+	// advertises is the port the kernel picked.
+	regLn, err := bind("registry-addr", *registryAddr)
+	if err != nil {
+		return err
+	}
+	var peerLn net.Listener
+	if *peerAddr != "" {
+		if peerLn, err = bind("peer-addr", *peerAddr); err != nil {
+			return err
+		}
+	}
 	var router *dht.Router
+	report := addrReport{path: *addrFile, info: map[string]any{}}
 	if *routerAddr != "" {
 		regAddr := *advertise
 		switch {
 		case regAddr != "":
-		case *peerAddr != "":
-			regAddr = *peerAddr
+		case peerLn != nil:
+			regAddr = boundAddr(*peerAddr, peerLn)
 		default:
-			regAddr = *registryAddr
+			regAddr = boundAddr(*registryAddr, regLn)
 		}
 		if *peerAddr != "" && psk == nil {
 			log.Warn("the peer port is not authenticated: any pod that reaches it can read this node's content; set --psk-file", "peer_addr", *peerAddr)
@@ -511,6 +588,7 @@ func runNode(args []string, stderr io.Writer) error {
 		defer router.Close()
 		cfg.Router = router
 		log.Info("dht started", "id", router.ID(), "addrs", router.Addrs())
+		report.info["router"] = router.Addrs()
 	}
 	nd, err := node.New(cfg)
 	if err != nil {
@@ -528,10 +606,10 @@ func runNode(args []string, stderr io.Writer) error {
 	log.Info("shoal node starting", "version", buildVersion(), "registry", *registryAddr, "peer", *peerAddr,
 		"peer_auth", !cfg.PeerKey.Empty(), "cache", *cacheURL != "")
 	var extra []listener
-	if *peerAddr != "" {
-		extra = append(extra, listener{addr: *peerAddr, h: nd.PeerHandler()})
+	if peerLn != nil {
+		extra = append(extra, listener{name: "peer", ln: peerLn, h: nd.PeerHandler()})
 	}
-	return runDaemon(ctx, stop, log, *grace, *registryAddr, *metricsAddr, nd, reg, ready, runErr, extra...)
+	return runDaemon(ctx, stop, log, *grace, listener{name: "registry", ln: regLn, h: nd}, *metricsAddr, reg, ready, runErr, report, extra...)
 }
 
 // cacheTransport carries the node's requests to the cache tier: no HTTP

@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -38,27 +40,27 @@ import (
 func runCache(args []string, stderr io.Writer) error {
 	f := newFlags("cache", "Run the shared pull-through cache: fetch each digest from upstream once, revalidate tags with free HEAD requests, keep within the Docker Hub budget, and serve stale content when upstream is limited or down.", stderr)
 	var (
-		addr                       = f.String("addr", ":5000", "address of the registry HTTP server")
-		metricsAddr                = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
-		dataDir                    = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
-		storageName                = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
-		configFile                 = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
-		credsFile                  = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
-		redisURL                   = f.String("redis-url", "", "Redis URL to share fetch leases and the rate-limit budget across replicas: redis://[:password@]host:6379/0, or for Redis Sentinel redis://[sentinel-password@]sentinel1:26379/0?master_name=NAME&addr=sentinel2:26379&password=REDIS-PASSWORD; empty keeps them in process")
-		freshness                  = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
-		reserve                    = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
-		clientShare                = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
-		maxSize                    = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
-		evictInterval              = f.Duration("evict-interval", time.Minute, "how often a replica checks --max-size and evicts; with Redis, one pass runs at a time across replicas")
-		evictGrace                 = f.Duration("evict-grace", cache.DefaultEvictGrace, "never evict content used this recently: a pull in progress has its manifest and is still fetching layers")
-		advertiseURL               = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
-		tokenFile                  = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
-		upTimeout                  = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
-		upIdle                     = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
-		herdDirect                 = f.Int("herd-direct", 1, "when many nodes ask for one blob at once (a scale-out), serve this many of them and chain the rest behind the nodes already receiving it, so the cache tier sends this many copies, not one per node; each chain shares the cache tier's uplink; 0 serves every node")
-		grace, logLevel, pprofAddr = f.daemonFlags()
-		upstreams                  listFlag
-		storageOpts                listFlag
+		addr                                 = f.String("addr", ":5000", "address of the registry HTTP server")
+		metricsAddr                          = f.String("metrics-addr", ":9091", "address for /metrics, /healthz and /readyz; empty disables")
+		dataDir                              = f.String("data-dir", "shoal-data", "directory for the filesystem storage and the fetch spool")
+		storageName                          = f.String("storage", "filesystem", "storage driver: filesystem, inmemory, s3, gcs or azure")
+		configFile                           = f.String("config", "", "YAML file with upstreams (registry, endpoint, insecure, credentials, tagFreshness) and storage (driver, options)")
+		credsFile                            = f.String("credentials-file", "", "upstream credentials: a docker config.json, or a kubernetes.io/dockerconfigjson Secret (file or mount directory); reloaded on change")
+		redisURL                             = f.String("redis-url", "", "Redis URL to share fetch leases and the rate-limit budget across replicas: redis://[:password@]host:6379/0, or for Redis Sentinel redis://[sentinel-password@]sentinel1:26379/0?master_name=NAME&addr=sentinel2:26379&password=REDIS-PASSWORD; empty keeps them in process")
+		freshness                            = f.Duration("tag-freshness", 5*time.Minute, "serve a cached tag this long without asking upstream; then revalidate with a free HEAD; 0 revalidates every pull")
+		reserve                              = f.Int("budget-reserve", 10, "counted upstream requests kept for cold pulls (content never cached) when the budget runs low")
+		clientShare                          = f.Float64("budget-client-share", 1, "the share (0-1] of a window's counted pulls that one client (node, by address) may cause; past it that client gets 429 and the rest is kept for the others; 1 disables the cap")
+		maxSize                              = f.String("max-size", "0", "bound on stored blobs (e.g. 50GiB); least recently used content goes first, never a blob a cached manifest references; 0 = unbounded")
+		evictInterval                        = f.Duration("evict-interval", time.Minute, "how often a replica checks --max-size and evicts; with Redis, one pass runs at a time across replicas")
+		evictGrace                           = f.Duration("evict-grace", cache.DefaultEvictGrace, "never evict content used this recently: a pull in progress has its manifest and is still fetching layers")
+		advertiseURL                         = f.String("advertise-url", "", "base URL at which the other replicas reach this one (http://POD_IP:5000); a replica waiting on this one's fetch then streams it as it arrives instead of waiting for the commit; empty: others wait")
+		tokenFile                            = f.String("client-token-file", "", "require this bearer token from clients (nodes); empty accepts any client")
+		upTimeout                            = f.Duration("upstream-timeout", 5*time.Second, "deadline for a revalidation or manifest fetch; past it a cached tag is served stale")
+		upIdle                               = f.Duration("upstream-idle-timeout", 30*time.Second, "fail a blob fetch whose upstream sends no bytes for this long, so a stalled upstream holds no waiter")
+		herdDirect                           = f.Int("herd-direct", 1, "when many nodes ask for one blob at once (a scale-out), serve this many of them and chain the rest behind the nodes already receiving it, so the cache tier sends this many copies, not one per node; each chain shares the cache tier's uplink; 0 serves every node")
+		grace, logLevel, pprofAddr, addrFile = f.daemonFlags()
+		upstreams                            listFlag
+		storageOpts                          listFlag
 	)
 	f.Var(&upstreams, "upstream", "an upstream registry as host=endpoint (docker.io=https://registry-1.docker.io); repeatable; a bare host means https://host")
 	f.Var(&storageOpts, "storage-opt", "a storage driver parameter as key=value (bucket=..., region=...); repeatable")
@@ -73,6 +75,16 @@ func runCache(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer stop()
+	// The registry port is bound first: an --advertise-url with port 0
+	// means the port --addr bound (for --addr host:0).
+	ln, err := bind("addr", *addr)
+	if err != nil {
+		return err
+	}
+	advertise, err := advertisedURL(*advertiseURL, ln)
+	if err != nil {
+		return err
+	}
 	// distribution's storage logs through logrus: keep it JSON and quiet, beside our slog lines.
 	logrus.SetFormatter(&logrus.JSONFormatter{})
 	logrus.SetOutput(stderr)
@@ -176,7 +188,7 @@ func runCache(args []string, stderr io.Writer) error {
 	var fl cache.Flight = local
 	if rdb != nil {
 		fl = flight.NewRedis(local, rdb, flight.WithLogger(log.With("component", "flight")), flight.WithHealth(redisHealth),
-			flight.WithAdvertise(strings.TrimSuffix(*advertiseURL, "/")))
+			flight.WithAdvertise(advertise))
 	}
 
 	driverName, params := *storageName, map[string]any{}
@@ -250,7 +262,7 @@ func runCache(args []string, stderr io.Writer) error {
 	}
 	log.Info("shoal cache starting", "version", buildVersion(), "addr", *addr, "storage", driverName,
 		"upstreams", registries, "redis", rdb != nil, "client_token", !token.Empty())
-	return runDaemon(ctx, stop, log, *grace, *addr, *metricsAddr, token.Middleware(c), reg, ready, runErr)
+	return runDaemon(ctx, stop, log, *grace, listener{name: "registry", ln: ln, h: token.Middleware(c)}, *metricsAddr, reg, ready, runErr, addrReport{path: *addrFile})
 }
 
 // credentialRefs lets an upstream use the credentials stored under another
@@ -323,4 +335,21 @@ func redactErr(err error, rawURL string) error {
 		return errors.New("invalid Redis URL")
 	}
 	return err
+}
+
+// advertisedURL is --advertise-url without a trailing slash, its port 0 (if
+// given) replaced by the port ln bound.
+func advertisedURL(raw string, ln net.Listener) (string, error) {
+	raw = strings.TrimSuffix(raw, "/")
+	if raw == "" {
+		return "", nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return "", fmt.Errorf("--advertise-url %q: want http(s)://host:port", raw)
+	}
+	if u.Port() == "0" {
+		u.Host = net.JoinHostPort(u.Hostname(), strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	}
+	return u.String(), nil
 }

@@ -3,6 +3,8 @@
 package main
 
 import (
+	"net"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -43,5 +45,33 @@ func TestNewRedisClient(t *testing.T) {
 			t.Errorf("%s: ContextTimeoutEnabled=%v MaxRetries=%d, want true and 1", tc.url, c.Options().ContextTimeoutEnabled, c.Options().MaxRetries)
 		}
 		c.Close()
+	}
+}
+
+func TestAdvertisedURLTakesTheBoundPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	for _, c := range []struct{ in, want string }{
+		{"", ""},
+		{"http://10.0.0.5:5000/", "http://10.0.0.5:5000"},
+		{"http://10.0.0.5:0", "http://10.0.0.5:" + port},
+		{"https://cache-0.shoal:0/", "https://cache-0.shoal:" + port},
+	} {
+		got, err := advertisedURL(c.in, ln)
+		if err != nil || got != c.want {
+			t.Errorf("advertisedURL(%q) = %q, %v; want %q", c.in, got, err, c.want)
+		}
+	}
+	for _, bad := range []string{"10.0.0.5:5000", "ftp://x:1", "http://"} {
+		if _, err := advertisedURL(bad, ln); err == nil {
+			t.Errorf("advertisedURL(%q) accepted", bad)
+		}
+	}
+	if got := boundAddr(":0", ln); got != ":"+port {
+		t.Errorf("boundAddr(:0) = %q, want :%s", got, port)
 	}
 }

@@ -40,6 +40,19 @@ type fixture struct {
 // handler, so that what it recorded was recorded at the clock's time now.
 func (f *fixture) settle() { f.handlers.Wait() }
 
+// countingServer serves h until the test ends, counting its requests in
+// progress in the returned WaitGroup.
+func countingServer(t *testing.T, h http.Handler) (*httptest.Server, *sync.WaitGroup) {
+	handlers := &sync.WaitGroup{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handlers.Add(1)
+		defer handlers.Done()
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, handlers
+}
+
 type clock struct {
 	mu sync.Mutex
 	t  time.Time
@@ -94,13 +107,7 @@ func newFixtureBudget(t *testing.T, hubOpts []hub.Option, bud *budget.Budget, mu
 	if err != nil {
 		t.Fatal(err)
 	}
-	handlers := &sync.WaitGroup{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		handlers.Add(1)
-		defer handlers.Done()
-		c.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
+	srv, handlers := countingServer(t, c)
 	return &fixture{hub: h, srv: srv, c: c, clock: clk, ns: h.Host(), handlers: handlers}
 }
 

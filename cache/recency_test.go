@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -35,6 +36,8 @@ type replica struct {
 	srv *httptest.Server
 	rs  *recency.Redis
 	reg *prometheus.Registry
+	// handlers counts requests in progress (see fixture.handlers).
+	handlers *sync.WaitGroup
 }
 
 // startSharedReplica starts a replica in front of h on drv, sharing
@@ -64,9 +67,8 @@ func startSharedReplica(t *testing.T, h *hub.Hub, rdb redis.UniversalClient, drv
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(c)
-	t.Cleanup(srv.Close)
-	return replica{c: c, srv: srv, rs: rs, reg: reg}
+	srv, handlers := countingServer(t, c)
+	return replica{c: c, srv: srv, rs: rs, reg: reg, handlers: handlers}
 }
 
 // TestEvictionSharesRecencyAcrossReplicas: two replicas on one storage and
@@ -100,6 +102,9 @@ func TestEvictionSharesRecencyAcrossReplicas(t *testing.T) {
 		if resp.StatusCode != 200 {
 			t.Fatalf("GET %s: %d", d, resp.StatusCode)
 		}
+		// The use is recorded (in the handler, after the last byte) before
+		// the clock moves on.
+		r.handlers.Wait()
 	}
 	stored := func(c *cache.Cache, d string) bool {
 		t.Helper()
@@ -117,6 +122,13 @@ func TestEvictionSharesRecencyAcrossReplicas(t *testing.T) {
 		}
 		return nil
 	})
+	// And recorded as stored, at this clock time: a commit's record (its
+	// touch and inventory entry) may land after the blob is visible.
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := cache.DrainForTest(dctx, a.c); err != nil {
+		t.Fatal(err)
+	}
 
 	// Ten minutes on, A serves x again; three more, and B runs a pass.
 	clk.add(10 * time.Minute)

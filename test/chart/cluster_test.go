@@ -63,6 +63,8 @@ func (n *kubeNode) host(path string) string {
 var nodeBinds = []string{
 	"/run/containerd", "/var/lib/containerd", "/etc/containerd", "/var/lib/kubelet",
 	"/var/lib/shoal", "/var/log/pods", "/var/log/containers", "/etc/cni/net.d", "/var/lib/cni",
+	// containerd makes its pods' network namespaces here.
+	"/run/netns",
 }
 
 // cgroupControllers are the cgroup v1 hierarchies a node's cgroup is made in.

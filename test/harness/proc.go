@@ -3,13 +3,13 @@ package harness
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,14 +17,19 @@ import (
 	"time"
 )
 
-// Proc is a shoal process (node or cache) owned by one test: it runs on
-// random loopback ports, logs to a file printed when the test fails, and
-// stops with SIGTERM in t.Cleanup.
+// Proc is a shoal process (node or cache) owned by one test: it binds port
+// 0 on loopback (or the address it was given) and reports the ports the
+// kernel picked in its --addr-file, logs to a file printed when the test
+// fails, and stops with SIGTERM in t.Cleanup.
 type Proc struct {
 	Kind        string // "node" or "cache"
 	Name        string
-	MetricsAddr string // 127.0.0.1:M
+	MetricsAddr string // 127.0.0.1:M, once started
 	LogPath     string
+	// Addrs is what the process wrote to its --addr-file: "registry",
+	// "metrics", "peer" (host:port) and "router" (multiaddrs).
+	Addrs    map[string]any
+	addrFile string
 
 	cmd  *exec.Cmd
 	done chan struct{}
@@ -33,19 +38,27 @@ type Proc struct {
 	env  []string // added to the process's environment
 }
 
-func newProc(t testing.TB, kind, name, dir string) *Proc {
+func newProc(kind, name, dir string) *Proc {
 	return &Proc{
-		Kind:        kind,
-		Name:        name,
-		MetricsAddr: fmt.Sprintf("127.0.0.1:%d", FreePort(t)),
-		LogPath:     filepath.Join(dir, "shoal-"+name+".log"),
-		done:        make(chan struct{}),
+		Kind:     kind,
+		Name:     name,
+		LogPath:  filepath.Join(dir, "shoal-"+name+".log"),
+		addrFile: filepath.Join(dir, "addrs.json"),
+		done:     make(chan struct{}),
 	}
 }
 
-// start runs bin with args, registers the cleanup, and waits for /readyz.
+// addr returns the host:port the process reported under key ("" if none).
+func (p *Proc) addr(key string) string {
+	s, _ := p.Addrs[key].(string)
+	return s
+}
+
+// start runs bin with args and --addr-file, registers the cleanup, reads
+// the addresses the process bound, and waits for /readyz.
 func (p *Proc) start(t testing.TB, bin string, args []string) {
 	t.Helper()
+	args = append(args, "--addr-file", p.addrFile)
 	logf, err := os.Create(p.LogPath)
 	if err != nil {
 		t.Fatalf("shoal log: %v", err)
@@ -78,6 +91,26 @@ func (p *Proc) start(t testing.TB, bin string, args []string) {
 	})
 
 	deadline := time.Now().Add(20 * time.Second)
+	for p.Addrs == nil {
+		if b, err := os.ReadFile(p.addrFile); err == nil {
+			if err := json.Unmarshal(b, &p.Addrs); err != nil {
+				t.Fatalf("shoal %s %s: --addr-file: %v", p.Kind, p.Name, err)
+			}
+			p.MetricsAddr = p.addr("metrics")
+			break
+		}
+		select {
+		case <-p.done:
+			p.dumpLog(t)
+			t.Fatalf("shoal %s %s exited before it had bound its ports: %v", p.Kind, p.Name, p.ExitErr())
+		default:
+		}
+		if time.Now().After(deadline) {
+			p.dumpLog(t)
+			t.Fatalf("shoal %s %s wrote no --addr-file in 20s", p.Kind, p.Name)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	client := &http.Client{Timeout: time.Second}
 	for {
 		resp, err := client.Get("http://" + p.MetricsAddr + "/readyz")
@@ -254,22 +287,24 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 	if o.ListenIP == "" {
 		o.ListenIP = "127.0.0.1"
 	}
-	c := &ShoalCache{Proc: newProc(t, "cache", o.Name, dir), Addr: net.JoinHostPort(o.ListenIP, strconv.Itoa(FreePort(t))), DataDir: o.DataDir}
+	c := &ShoalCache{Proc: newProc("cache", o.Name, dir), DataDir: o.DataDir}
 	c.env = o.Env
 	args := []string{"cache",
-		"--addr", c.Addr,
-		"--metrics-addr", c.MetricsAddr,
+		"--addr", net.JoinHostPort(o.ListenIP, "0"),
+		"--metrics-addr", "127.0.0.1:0",
 		"--data-dir", c.DataDir,
 		"--log-level", "debug",
 		"--shutdown-grace", "2s",
 	}
 	if !o.NoAdvertise {
-		args = append(args, "--advertise-url", c.URL())
+		// Port 0: the port --addr bound.
+		args = append(args, "--advertise-url", "http://"+net.JoinHostPort(o.ListenIP, "0"))
 	}
 	for _, u := range o.Upstreams {
 		args = append(args, "--upstream", u)
 	}
 	c.start(t, o.Bin, append(args, o.Args...))
+	c.Addr = c.addr("registry")
 	return c
 }
 

@@ -3,6 +3,7 @@ package harness
 import (
 	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,23 +103,20 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 		ip = o.ListenIP
 	}
 	n := &ShoalNode{
-		Proc:         newProc(t, "node", o.Name, dir),
-		RegistryAddr: fmt.Sprintf("%s:%d", ip, FreePort(t)),
-		DataDir:      filepath.Join(dir, "data"),
+		Proc:    newProc("node", o.Name, dir),
+		DataDir: filepath.Join(dir, "data"),
 	}
-	if o.ListenIP != "" {
-		_, port, _ := strings.Cut(n.MetricsAddr, ":")
-		n.MetricsAddr = ip + ":" + port
-	}
-	if !o.NoRouter {
-		n.RouterAddr = fmt.Sprintf("%s:%d", ip, FreePort(t))
-		n.PeerAddr = fmt.Sprintf("%s:%d", ip, FreePort(t))
+	// Every port is 0: the node reports what it bound (--addr-file).
+	any0 := net.JoinHostPort(ip, "0")
+	router, peer := any0, any0
+	if o.NoRouter {
+		router, peer = "", ""
 	}
 	args := []string{"node",
-		"--registry-addr", n.RegistryAddr,
-		"--router-addr", n.RouterAddr,
-		"--peer-addr", n.PeerAddr,
-		"--metrics-addr", n.MetricsAddr,
+		"--registry-addr", any0,
+		"--router-addr", router,
+		"--peer-addr", peer,
+		"--metrics-addr", any0,
 		"--data-dir", n.DataDir,
 		"--provider-ttl", o.ProviderTTL.String(),
 		"--mirrored-registries", strings.Join(o.Registries, ","),
@@ -152,7 +150,28 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 		bin = "ip"
 	}
 	n.start(t, bin, args)
+	n.RegistryAddr, n.PeerAddr = n.addr("registry"), n.addr("peer")
+	if !o.NoRouter {
+		n.RouterAddr = routerHostPort(t, n.Addrs["router"], ip)
+	}
 	return n
+}
+
+// routerHostPort picks, from the multiaddrs a node reported as its DHT
+// addresses, the one on ip, as host:port.
+func routerHostPort(t testing.TB, addrs any, ip string) string {
+	t.Helper()
+	list, _ := addrs.([]any)
+	for _, a := range list {
+		s, _ := a.(string)
+		// /ip4/<ip>/tcp/<port>/p2p/<id>
+		f := strings.Split(s, "/")
+		if len(f) >= 5 && f[1] == "ip4" && f[2] == ip && f[3] == "tcp" {
+			return net.JoinHostPort(ip, f[4])
+		}
+	}
+	t.Fatalf("no DHT address on %s among %v", ip, addrs)
+	return ""
 }
 
 // FilteredEnv is the environment without the variables that start with prefix.
