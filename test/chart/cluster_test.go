@@ -1,7 +1,6 @@
 package chart
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -445,17 +444,6 @@ func (c *kubeCluster) nodeMetrics(t *testing.T, node *kubeNode) string {
 		}
 	}
 	return strings.Join(out, "\n")
-}
-
-// apply creates objects from a YAML manifest.
-func (c *kubeCluster) apply(t *testing.T, manifest string) {
-	t.Helper()
-	cmd := exec.Command(c.kubectl, "apply", "-f", "-")
-	cmd.Env = append(os.Environ(), c.env...)
-	cmd.Stdin = bytes.NewBufferString(manifest)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("kubectl apply: %v\n%s", err, out)
-	}
 }
 
 // dockerConfig is a kubernetes.io/dockerconfigjson payload for one registry.
