@@ -155,6 +155,10 @@ cache:
 	psk := secretData(t, c.env, c.kubectl, "shoal", "shoal-psk", "swarm.key")
 	tok := secretData(t, c.env, c.kubectl, "shoal", "shoal-cache-token", "token")
 	helmRun("upgrade", "shoal", "../../charts/shoal", "--namespace", "shoal", "--reuse-values", "--set", "logLevel=info", "--wait", "--timeout", "4m")
+	// helm's --wait can return while the DaemonSet still rolls (one node at
+	// a time); the next steps read both nodes' metrics.
+	c.kc(t, "-n", "shoal", "rollout", "status", "daemonset/shoal-node", "--timeout=180s")
+	c.kc(t, "-n", "shoal", "rollout", "status", "deployment/shoal-cache", "--timeout=180s")
 	if got := secretData(t, c.env, c.kubectl, "shoal", "shoal-psk", "swarm.key"); got != psk || psk == "" {
 		t.Errorf("upgrade changed the PSK")
 	}
