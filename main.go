@@ -233,6 +233,9 @@ func bind(name, addr string) (net.Listener, error) {
 	return ln, nil
 }
 
+// boundPort is the port ln bound, as a string.
+func boundPort(ln net.Listener) string { return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port) }
+
 // boundAddr is addr (a flag's host:port) with the port ln bound, so ":0"
 // becomes ":41234" and a host given stays as given.
 func boundAddr(addr string, ln net.Listener) string {
@@ -240,7 +243,7 @@ func boundAddr(addr string, ln net.Listener) string {
 	if err != nil {
 		return ln.Addr().String()
 	}
-	return net.JoinHostPort(host, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+	return net.JoinHostPort(host, boundPort(ln))
 }
 
 // writeAddrFile writes addrs as JSON to path, atomically (a temporary file
@@ -325,13 +328,19 @@ func (w *startWriter) Flush() {
 // Unwrap lets http.ResponseController reach the underlying writer.
 func (w *startWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// serve runs each server on its listener (lns[i] for servers[i]) until ctx
-// ends, then shuts them down gracefully: it stops accepting, and lets
-// in-flight responses finish within grace.
-func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers []*http.Server, lns []net.Listener) error {
+// bound is an HTTP server and the listener it serves on.
+type bound struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// serve runs each server on its listener until ctx ends, then shuts them
+// down gracefully: it stops accepting, and lets in-flight responses finish
+// within grace.
+func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers []bound) error {
 	errc := make(chan error, len(servers))
-	for i, s := range servers {
-		ln := lns[i]
+	for _, b := range servers {
+		s, ln := b.srv, b.ln
 		log.Info("listening", "addr", ln.Addr().String())
 		go func(s *http.Server) {
 			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -347,9 +356,9 @@ func serve(ctx context.Context, log *slog.Logger, grace time.Duration, servers [
 	log.Info("shutting down, letting in-flight requests finish", "grace", grace)
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	for _, s := range servers {
-		if err := s.Shutdown(sctx); err != nil {
-			log.Warn("shutdown", "addr", s.Addr, "err", err)
+	for _, b := range servers {
+		if err := b.srv.Shutdown(sctx); err != nil {
+			log.Warn("shutdown", "addr", b.srv.Addr, "err", err)
 		}
 	}
 	return runErr
@@ -414,32 +423,32 @@ func runDaemon(ctx context.Context, stop context.CancelFunc, log *slog.Logger, g
 	if err := reg.Register(panics); err != nil {
 		return fmt.Errorf("register metrics: %w", err)
 	}
-	addrs := map[string]any{main.name: main.ln.Addr().String()}
+	addrs := map[string]any{}
 	for k, v := range report.info {
 		addrs[k] = v
 	}
-	servers := []*http.Server{newServer(main.ln.Addr().String(), withOps(recoverPanics(main.h, log, panics), ops), log)}
-	lns := []net.Listener{main.ln}
+	var servers []bound
+	add := func(name string, ln net.Listener, h http.Handler) {
+		servers = append(servers, bound{newServer(ln.Addr().String(), h, log), ln})
+		addrs[name] = ln.Addr().String()
+	}
+	add(main.name, main.ln, withOps(recoverPanics(main.h, log, panics), ops))
 	for _, l := range extra {
-		servers = append(servers, newServer(l.ln.Addr().String(), recoverPanics(l.h, log, panics), log))
-		lns = append(lns, l.ln)
-		addrs[l.name] = l.ln.Addr().String()
+		add(l.name, l.ln, recoverPanics(l.h, log, panics))
 	}
 	if metricsAddr != "" {
 		ln, err := bind("metrics-addr", metricsAddr)
 		if err != nil {
 			return err
 		}
-		servers = append(servers, newServer(ln.Addr().String(), ops, log))
-		lns = append(lns, ln)
-		addrs["metrics"] = ln.Addr().String()
+		add("metrics", ln, ops)
 	}
 	if report.path != "" {
 		if err := writeAddrFile(report.path, addrs); err != nil {
 			return err
 		}
 	}
-	err := serve(ctx, log, grace, servers, lns)
+	err := serve(ctx, log, grace, servers)
 	stop()
 	if rerr := <-runErr; rerr != nil && err == nil {
 		err = rerr

@@ -17,7 +17,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -349,7 +348,7 @@ func advertisedURL(raw string, ln net.Listener) (string, error) {
 		return "", fmt.Errorf("--advertise-url %q: want http(s)://host:port", raw)
 	}
 	if u.Port() == "0" {
-		u.Host = net.JoinHostPort(u.Hostname(), strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+		u.Host = net.JoinHostPort(u.Hostname(), boundPort(ln))
 	}
 	return u.String(), nil
 }

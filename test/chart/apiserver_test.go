@@ -32,8 +32,6 @@ import (
 type apiServer struct {
 	kubeconfig string
 	dir        string
-	server     string // https://IP:port
-	caPEM      []byte // the serving certificate, its own CA
 	saKey      string // the service-account signing key (PEM file)
 }
 
@@ -125,8 +123,7 @@ func startAPIServerOn(t *testing.T, ip string) *apiServer {
 		"contexts": []any{map[string]any{"name": "test", "context": map[string]any{"cluster": "test", "user": "admin"}}},
 	}
 	b, _ := yaml.Marshal(kc)
-	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certDER})
-	a := &apiServer{kubeconfig: filepath.Join(dir, "kubeconfig"), dir: dir, server: server, caPEM: caPEM, saKey: filepath.Join(dir, "sa.key")}
+	a := &apiServer{kubeconfig: filepath.Join(dir, "kubeconfig"), dir: dir, saKey: filepath.Join(dir, "sa.key")}
 	if err := os.WriteFile(a.kubeconfig, b, 0o600); err != nil {
 		t.Fatal(err)
 	}

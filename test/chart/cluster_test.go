@@ -301,16 +301,9 @@ state = "/run/containerd"
 	path := filepath.Dir(bins["containerd-shim-runc-v2"]) + ":" + os.Getenv("PATH")
 	node.daemon(t, "containerd", []string{"PATH=" + path}, bins["containerd"], "--config", "/etc/containerd/config.toml")
 	sock := node.host("/run/containerd/containerd.sock")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if err := exec.Command(bins["ctr"], "--address", sock, "version").Run(); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: containerd not up after 30s", node.name)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	harness.Eventually(t, 30*time.Second, node.name+": containerd answers", func() error {
+		return exec.Command(bins["ctr"], "--address", sock, "version").Run()
+	})
 	for _, img := range images {
 		out, err := exec.Command(bins["ctr"], "--address", sock, "-n", "k8s.io", "images", "import", "--platform", "linux/amd64", img).CombinedOutput()
 		if err != nil {

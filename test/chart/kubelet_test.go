@@ -185,19 +185,12 @@ cache:
 	c.kc(t, "delete", "pod", "--all", "--wait=true", "--timeout=60s")
 	helmRun("uninstall", "shoal", "--namespace", "shoal", "--wait", "--timeout", "2m")
 	for _, n := range c.nodes {
-		want := before[n]
-		var got map[string]string
-		deadline := time.Now().Add(60 * time.Second)
-		for {
-			got = tree(t, n.host("/etc/containerd/certs.d"))
-			if fmt.Sprint(got) == fmt.Sprint(want) || time.Now().After(deadline) {
-				break
+		harness.Eventually(t, 60*time.Second, n.name+": certs.d back to what it was before the install", func() error {
+			if got, want := tree(t, n.host("/etc/containerd/certs.d")), before[n]; fmt.Sprint(got) != fmt.Sprint(want) {
+				return fmt.Errorf("now:\n%v\nbefore the install:\n%v", got, want)
 			}
-			time.Sleep(200 * time.Millisecond)
-		}
-		if fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("%s: certs.d after uninstall:\n%v\nwant (before install):\n%v", n.name, got, want)
-		}
+			return nil
+		})
 	}
 }
 
@@ -356,40 +349,31 @@ func (c *kubeCluster) runModelPod(t *testing.T, name string, node *kubeNode, mod
       image: {reference: %s, pullPolicy: IfNotPresent}
 `, model)
 	c.startPod(t, name, podYAML(name, node, "docker.io/library/app1:v1", []string{"/models/model.bin"}, vol))
-	var logs string
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
+	harness.Eventually(t, 30*time.Second, fmt.Sprintf("pod %s on %s: the image volume's model.bin has digest %s", name, node.name, want), func() error {
 		out, err := run(t, c.env, c.kubectl, "logs", name)
-		if logs = out; err == nil && strings.Contains(out, "/models/model.bin") {
-			break
-		} else if err != nil {
-			logs = err.Error()
+		if err != nil {
+			return err
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if !strings.Contains(logs, want+" /models/model.bin") {
-		t.Errorf("pod %s on %s: the image volume's model.bin: %q, want digest %s", name, node.name, logs, want)
-	}
+		if !strings.Contains(out, want+" /models/model.bin") {
+			return fmt.Errorf("the pod logged %q", out)
+		}
+		return nil
+	})
 }
 
 // startPod applies a pod manifest, retrying while the namespace's default
 // service account is not there yet, and waits for the pod to be Ready.
 func (c *kubeCluster) startPod(t *testing.T, name, manifest string) {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	harness.Eventually(t, 60*time.Second, "create pod "+name, func() error {
 		cmd := exec.Command(c.kubectl, "apply", "-f", "-")
 		cmd.Env = append(os.Environ(), c.env...)
 		cmd.Stdin = strings.NewReader(manifest)
-		out, err := cmd.CombinedOutput()
-		if err == nil {
-			break
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("%w\n%s", err, out)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("create pod %s: %v\n%s", name, err, out)
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+		return nil
+	})
 	if _, err := run(t, c.env, c.kubectl, "wait", "--for=condition=Ready", "pod/"+name, "--timeout=180s"); err != nil {
 		c.dump(t)
 		t.Fatalf("pod %s not Ready: %v", name, err)

@@ -26,9 +26,8 @@ type Proc struct {
 	Name        string
 	MetricsAddr string // 127.0.0.1:M, once started
 	LogPath     string
-	// Addrs is what the process wrote to its --addr-file: "registry",
-	// "metrics", "peer" (host:port) and "router" (multiaddrs).
-	Addrs    map[string]any
+	// Addrs is what the process wrote to its --addr-file, once started.
+	Addrs    Addrs
 	addrFile string
 
 	cmd  *exec.Cmd
@@ -48,10 +47,12 @@ func newProc(kind, name, dir string) *Proc {
 	}
 }
 
-// addr returns the host:port the process reported under key ("" if none).
-func (p *Proc) addr(key string) string {
-	s, _ := p.Addrs[key].(string)
-	return s
+// Addrs is a shoal process's --addr-file: the ports it bound.
+type Addrs struct {
+	Registry string   `json:"registry"`
+	Metrics  string   `json:"metrics"`
+	Peer     string   `json:"peer"`   // a node with a DHT
+	Router   []string `json:"router"` // a node's DHT multiaddrs
 }
 
 // start runs bin with args and --addr-file, registers the cleanup, reads
@@ -91,44 +92,42 @@ func (p *Proc) start(t testing.TB, bin string, args []string) {
 	})
 
 	deadline := time.Now().Add(20 * time.Second)
-	for p.Addrs == nil {
-		if b, err := os.ReadFile(p.addrFile); err == nil {
-			if err := json.Unmarshal(b, &p.Addrs); err != nil {
-				t.Fatalf("shoal %s %s: --addr-file: %v", p.Kind, p.Name, err)
-			}
-			p.MetricsAddr = p.addr("metrics")
-			break
+	p.await(t, deadline, "bound its ports (--addr-file)", func() bool {
+		b, err := os.ReadFile(p.addrFile)
+		if err != nil {
+			return false
 		}
-		select {
-		case <-p.done:
-			p.dumpLog(t)
-			t.Fatalf("shoal %s %s exited before it had bound its ports: %v", p.Kind, p.Name, p.ExitErr())
-		default:
+		if err := json.Unmarshal(b, &p.Addrs); err != nil {
+			t.Fatalf("shoal %s %s: --addr-file: %v", p.Kind, p.Name, err)
 		}
-		if time.Now().After(deadline) {
-			p.dumpLog(t)
-			t.Fatalf("shoal %s %s wrote no --addr-file in 20s", p.Kind, p.Name)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return true
+	})
+	p.MetricsAddr = p.Addrs.Metrics
 	client := &http.Client{Timeout: time.Second}
-	for {
+	p.await(t, deadline, "ready (/readyz)", func() bool {
 		resp, err := client.Get("http://" + p.MetricsAddr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
+		if err != nil {
+			return false
 		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+// await polls ok until it holds. If the process exits first, or deadline
+// passes, the test fails with the process's log.
+func (p *Proc) await(t testing.TB, deadline time.Time, what string, ok func() bool) {
+	t.Helper()
+	for !ok() {
 		select {
 		case <-p.done:
 			p.dumpLog(t)
-			t.Fatalf("shoal %s %s exited before it was ready: %v", p.Kind, p.Name, p.ExitErr())
+			t.Fatalf("shoal %s %s exited before it was %s: %v", p.Kind, p.Name, what, p.ExitErr())
 		default:
 		}
 		if time.Now().After(deadline) {
 			p.dumpLog(t)
-			t.Fatalf("shoal %s %s not ready after 20s", p.Kind, p.Name)
+			t.Fatalf("shoal %s %s not %s in 20s", p.Kind, p.Name, what)
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
@@ -304,7 +303,7 @@ func StartShoalCache(t testing.TB, o CacheOptions) *ShoalCache {
 		args = append(args, "--upstream", u)
 	}
 	c.start(t, o.Bin, append(args, o.Args...))
-	c.Addr = c.addr("registry")
+	c.Addr = c.Addrs.Registry
 	return c
 }
 

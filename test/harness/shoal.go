@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 // ShoalPackage is the import path of the shoal command.
@@ -150,24 +152,26 @@ func StartShoalNode(t testing.TB, o NodeOptions) *ShoalNode {
 		bin = "ip"
 	}
 	n.start(t, bin, args)
-	n.RegistryAddr, n.PeerAddr = n.addr("registry"), n.addr("peer")
+	n.RegistryAddr, n.PeerAddr = n.Addrs.Registry, n.Addrs.Peer
 	if !o.NoRouter {
-		n.RouterAddr = routerHostPort(t, n.Addrs["router"], ip)
+		n.RouterAddr = routerHostPort(t, n.Addrs.Router, ip)
 	}
 	return n
 }
 
 // routerHostPort picks, from the multiaddrs a node reported as its DHT
 // addresses, the one on ip, as host:port.
-func routerHostPort(t testing.TB, addrs any, ip string) string {
+func routerHostPort(t testing.TB, addrs []string, ip string) string {
 	t.Helper()
-	list, _ := addrs.([]any)
-	for _, a := range list {
-		s, _ := a.(string)
-		// /ip4/<ip>/tcp/<port>/p2p/<id>
-		f := strings.Split(s, "/")
-		if len(f) >= 5 && f[1] == "ip4" && f[2] == ip && f[3] == "tcp" {
-			return net.JoinHostPort(ip, f[4])
+	for _, s := range addrs {
+		m, err := ma.NewMultiaddr(s)
+		if err != nil {
+			continue
+		}
+		host, errIP := m.ValueForProtocol(ma.P_IP4)
+		port, errTCP := m.ValueForProtocol(ma.P_TCP)
+		if errIP == nil && errTCP == nil && host == ip {
+			return net.JoinHostPort(ip, port)
 		}
 	}
 	t.Fatalf("no DHT address on %s among %v", ip, addrs)
