@@ -30,7 +30,8 @@ type herdSite struct {
 // of one SHOAL_BENCH_HERD_MIB (256) MiB layer at the same moment, through
 // one cache tier, cold. Every node is a network namespace with its own
 // containerd and shoal node, its uplink shaped to SHOAL_BENCH_HERD_RATE
-// (24mbit, low enough that 32 nodes stay wire-bound on two cores), with a second class for small packets (shapeFair). The cache
+// (24mbit: at 32 nodes two cores are just enough, vmstat idle near 0 while
+// the herd runs), with a second class for small packets (shapeFair). The cache
 // tier (--herd-direct SHOAL_BENCH_HERD_DIRECT, default 1) runs in the root
 // namespace beside the hub; its uplink, the bridge's egress, is shaped to
 // the same rate. Each ctr runs in its node's namespace. Side by

@@ -33,6 +33,7 @@ func startLAN(b *testing.B, n int, rate string, shaped ...int) []lanHost {
 		}
 	}
 	quiet := func(args ...string) { _ = exec.Command(args[0], args[1:]...).Run() }
+	fitNeighbours(b, n)
 	const br = "shoalbr0"
 	quiet("ip", "link", "del", br)
 	run("ip", "link", "add", br, "type", "bridge")
@@ -59,6 +60,35 @@ func startLAN(b *testing.B, n int, rate string, shaped ...int) []lanHost {
 		run("ip", "netns", "exec", hosts[i].ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "512kb", "latency", "20ms")
 	}
 	return hosts
+}
+
+// fitNeighbours makes the kernel's ARP table hold what n hosts that all
+// talk to each other (and to the root namespace) need, and restores its
+// limits when b ends. The table is one for every network namespace: its
+// default hard limit, gc_thresh3 = 1024, is what 32 hosts reach, and past
+// it the kernel drops the packets to a neighbour it cannot add ("neighbor
+// table overflow!" in dmesg). At 32 nodes that lost a herd's dials between
+// hosts for seconds at a time, while every qdisc counted no drop. A
+// cluster node has a few dozen neighbours in its own table.
+func fitNeighbours(b *testing.B, n int) {
+	b.Helper()
+	need := (n + 1) * (n + 1) // every host's entry for every other
+	for i, min := range []int{need, 2 * need, 4 * need} {
+		key := fmt.Sprintf("net.ipv4.neigh.default.gc_thresh%d", i+1)
+		out, err := exec.Command("sysctl", "-n", key).Output()
+		if err != nil {
+			b.Fatalf("sysctl %s: %v", key, err)
+		}
+		old := strings.TrimSpace(string(out))
+		var cur int
+		if _, err := fmt.Sscanf(old, "%d", &cur); err != nil || cur >= min {
+			continue
+		}
+		if out, err := exec.Command("sysctl", "-w", fmt.Sprintf("%s=%d", key, min)).CombinedOutput(); err != nil {
+			b.Fatalf("sysctl -w %s: %v\n%s", key, err, out)
+		}
+		b.Cleanup(func() { _ = exec.Command("sysctl", "-w", key+"="+old).Run() })
+	}
 }
 
 // BenchmarkLAN runs on network-namespace hosts whose uplinks are shaped to
