@@ -50,22 +50,36 @@ type invOp struct {
 	refs []digest.Digest
 }
 
+// maxPendingInv is how many inventory changes a replica buffers while it
+// cannot write them (a few MiB). Past it the buffer is dropped and the
+// inventory marked incomplete, so the next eviction pass walks the storage
+// and rebuilds it: nothing stored is lost from the count, it costs a walk.
+const maxPendingInv = 1 << 16
+
 func (r *Redis) invKey(s string) string { return r.inv + s }
 
 // AddBlob records a stored blob. It never blocks on Redis: it is written
 // with the next flush.
 func (r *Redis) AddBlob(d digest.Digest, size int64, at time.Time) {
-	r.mu.Lock()
-	r.pendingInv = append(r.pendingInv, invOp{blob: true, d: d, size: size, at: at})
-	r.mu.Unlock()
+	r.addInv(invOp{blob: true, d: d, size: size, at: at})
 }
 
 // AddManifest records a manifest stored at at, and its references;
 // written with the next flush.
 func (r *Redis) AddManifest(repo string, d digest.Digest, refs []digest.Digest, at time.Time) {
+	r.addInv(invOp{repo: repo, d: d, refs: refs, at: at})
+}
+
+// addInv buffers op, dropping the buffer when it is full.
+func (r *Redis) addInv(op invOp) {
 	r.mu.Lock()
-	r.pendingInv = append(r.pendingInv, invOp{repo: repo, d: d, refs: refs, at: at})
-	r.mu.Unlock()
+	defer r.mu.Unlock()
+	if len(r.pendingInv) >= r.maxInv {
+		r.log.Warn("inventory changes dropped: Redis has not taken them for too long; the next eviction pass rebuilds the inventory from storage", "dropped", len(r.pendingInv))
+		r.pendingInv = nil
+		r.invLost = time.Now()
+	}
+	r.pendingInv = append(r.pendingInv, op)
 }
 
 func manifestField(repo string, d digest.Digest) string { return repo + "@" + d.String() }
@@ -86,13 +100,19 @@ func (r *Redis) flushInv(ctx context.Context) error {
 	r.mu.Lock()
 	ops := r.pendingInv
 	r.pendingInv = nil
+	lost := !r.invLost.IsZero()
 	r.mu.Unlock()
-	if len(ops) == 0 {
+	if len(ops) == 0 && !lost {
 		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	pipe := r.c.Pipeline()
+	if lost {
+		// Changes were dropped: the inventory no longer holds all that is
+		// stored, so the next pass must walk.
+		pipe.Del(cctx, r.invKey("complete"))
+	}
 	for _, op := range ops {
 		if op.blob {
 			r.addBlob.Eval(cctx, pipe, []string{r.invKey("blobs"), r.invKey("total")}, op.d.String(), op.size, op.at.UnixMilli())
@@ -238,10 +258,26 @@ func (r *Redis) Replace(ctx context.Context, started time.Time, blobs map[digest
 		pipe.HSetNX(cctx, r.invKey("manifests"), manifestField(m.Repo, m.D), manifestValue(m.Refs, m.Stored))
 	}
 	r.recount.Eval(cctx, pipe, []string{r.invKey("blobs"), r.invKey("total")})
-	pipe.Set(cctx, r.invKey("complete"), started.UnixMilli(), RebuildInterval)
+	// Changes dropped after the walk started may be missing from both the
+	// walk and the inventory: then it stays incomplete, and the next pass
+	// walks again.
+	r.mu.Lock()
+	lost := r.invLost
+	r.mu.Unlock()
+	whole := !lost.After(started)
+	if whole {
+		pipe.Set(cctx, r.invKey("complete"), started.UnixMilli(), RebuildInterval)
+	}
 	if _, err := pipe.Exec(cctx); err != nil {
 		r.failed(err)
 		return fmt.Errorf("inventory: replace: %w", err)
+	}
+	if whole {
+		r.mu.Lock()
+		if r.invLost.Equal(lost) {
+			r.invLost = time.Time{}
+		}
+		r.mu.Unlock()
 	}
 	return nil
 }

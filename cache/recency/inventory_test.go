@@ -2,6 +2,7 @@ package recency
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -49,5 +50,48 @@ func TestReplaceKeepsWhatWasStoredDuringTheWalk(t *testing.T) {
 	}
 	if total, complete, err := r.Total(ctx); err != nil || !complete || total != 10 {
 		t.Fatalf("total %d complete %v err %v; want 10 true", total, complete, err)
+	}
+}
+
+// TestInventoryBufferBounded: a replica that buffers more inventory changes
+// than it may (Redis has not taken them) drops them and marks the inventory
+// incomplete, so the next pass walks; a walk that started before the drop
+// leaves it incomplete, one that started after completes it.
+func TestInventoryBufferBounded(t *testing.T) {
+	rdb := harness.RedisClient(t, harness.StartRedis(t))
+	ctx := context.Background()
+	r := NewRedis(rdb, "t:evict:", nil, nil)
+	r.maxInv = 4
+	before := time.Now()
+	if err := r.Replace(ctx, before, map[digest.Digest]InvBlob{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, complete, err := r.Total(ctx); err != nil || !complete {
+		t.Fatalf("after a walk: complete %v, %v; want true", complete, err)
+	}
+	for i := range 6 {
+		r.AddBlob(digest.FromString(fmt.Sprint(i)), 1, time.Now())
+	}
+	r.mu.Lock()
+	n := len(r.pendingInv)
+	r.mu.Unlock()
+	if n > 4 {
+		t.Fatalf("%d changes buffered, want at most 4", n)
+	}
+	if _, complete, err := r.Total(ctx); err != nil || complete {
+		t.Fatalf("after dropping buffered changes: complete %v, %v; want false", complete, err)
+	}
+	// A walk that started before the drop may have missed what was dropped.
+	if err := r.Replace(ctx, before, map[digest.Digest]InvBlob{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, complete, err := r.Total(ctx); err != nil || complete {
+		t.Fatalf("after a walk older than the drop: complete %v, %v; want false", complete, err)
+	}
+	if err := r.Replace(ctx, time.Now(), map[digest.Digest]InvBlob{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, complete, err := r.Total(ctx); err != nil || !complete {
+		t.Fatalf("after a walk newer than the drop: complete %v, %v; want true", complete, err)
 	}
 }

@@ -43,6 +43,13 @@ type Redis struct {
 	mu         sync.Mutex
 	pending    map[digest.Digest]time.Time
 	pendingInv []invOp
+	// maxInv bounds pendingInv: while Redis is down for long, a replica
+	// that keeps storing would otherwise buffer without end.
+	maxInv int
+	// invLost is when buffered inventory changes were last dropped (zero:
+	// never since the inventory was rebuilt). Until a walk that started
+	// after it replaces the inventory, the inventory is incomplete.
+	invLost time.Time
 
 	setMax, unlock               *redis.Script
 	addBlob, removeBlob, recount *redis.Script
@@ -56,7 +63,7 @@ func NewRedis(c redis.UniversalClient, prefix string, health Health, log *slog.L
 	}
 	return &Redis{
 		c: c, hash: prefix + "recency", lock: prefix + "lock", inv: prefix + "inv:", health: health, log: log, flush: time.Second,
-		pending: map[digest.Digest]time.Time{},
+		pending: map[digest.Digest]time.Time{}, maxInv: maxPendingInv,
 		// HSET only when newer: replicas' writes race, the latest use wins.
 		setMax: redis.NewScript(`for i = 1, #ARGV, 2 do
   local cur = redis.call("HGET", KEYS[1], ARGV[i])

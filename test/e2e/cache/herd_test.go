@@ -13,9 +13,10 @@ import (
 	"github.com/shoal-oci/shoal/test/hub"
 )
 
-// startSites starts n sites (containerd and shoal node) behind cache c,
-// meshed, with hosts.toml pointing the hub's registry at each node.
-func startSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*site {
+// startSites starts n sites (containerd and shoal node) behind the caches,
+// site i behind caches[i%len(caches)], meshed, with hosts.toml pointing the
+// hub's registry at each node.
+func startSites(t *testing.T, bin string, h *hub.Hub, caches []*cacheProc, n int) []*site {
 	t.Helper()
 	var sites []*site
 	var routers []string
@@ -24,7 +25,7 @@ func startSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*si
 		ctrd := harness.StartContainerd(t, harness.ContainerdV2)
 		node := harness.StartShoalNode(t, harness.NodeOptions{
 			Bin: bin, Name: name, Containerd: ctrd, BootstrapPeers: routers,
-			Registries: []string{h.Host()}, Args: []string{"--cache-url", c.url()},
+			Registries: []string{h.Host()}, Args: []string{"--cache-url", caches[i%len(caches)].url()},
 		})
 		if len(routers) < 2 {
 			routers = append(routers, node.RouterAddr)
@@ -52,16 +53,43 @@ func startSites(t *testing.T, bin string, h *hub.Hub, c *cacheProc, n int) []*si
 // six sites behind it.
 func startHerd(t *testing.T, bandwidth int64, cacheArgs ...string) (*hub.Hub, *cacheProc, []*site, content, digest.Digest) {
 	t.Helper()
+	h, caches, sites, want, md := startHerdOn(t, bandwidth, 1, cacheArgs...)
+	return h, caches[0], sites, want, md
+}
+
+// startHerdOn is startHerd with the given number of cache replicas: more
+// than one share filesystem storage and a Redis, and the sites alternate
+// between them.
+func startHerdOn(t *testing.T, bandwidth int64, replicas int, cacheArgs ...string) (*hub.Hub, []*cacheProc, []*site, content, digest.Digest) {
+	t.Helper()
 	bin := requireShoal(t)
 	h := hub.Start(t)
 	img := harness.RandomImage(t, 1, 24<<20)
 	md := h.Push(t, "library/herd", "v1", img)
 	want := imageContent(t, img)
-	c := startCache(t, h, cacheOpts{args: cacheArgs})
-	sites := startSites(t, bin, h, c, 6)
+	if replicas > 1 {
+		st := fsStorage(t)
+		rd := harness.StartRedisServer(t)
+		cacheArgs = append(append(st.args, "--redis-url", rd.URL), cacheArgs...)
+	}
+	var caches []*cacheProc
+	for i := range replicas {
+		caches = append(caches, startCache(t, h, cacheOpts{name: fmt.Sprintf("r%d", i+1), args: cacheArgs}))
+	}
+	sites := startSites(t, bin, h, caches, 6)
 	h.SetBandwidth(bandwidth)
 	h.ResetCounts()
-	return h, c, sites, want, md
+	return h, caches, sites, want, md
+}
+
+// sumCaches adds a metric over cache replicas.
+func sumCaches(t *testing.T, caches []*cacheProc, name string, labels ...string) float64 {
+	t.Helper()
+	var sum float64
+	for _, c := range caches {
+		sum += c.metric(t, name, labels...)
+	}
+	return sum
 }
 
 // pullAtOnce pulls ref on every site at the same moment and returns each
@@ -152,6 +180,53 @@ func TestHerdScaleOut(t *testing.T) {
 	}
 	t.Logf("image %.0f bytes; cache tier sent %.2f×; from receivers %.2f×, served in flight %.2f×",
 		image, sent/image, fromReceivers/image, inflight/image)
+	requireNoPanicSites(t, sites)
+}
+
+// TestHerdAcrossReplicas: six nodes, alternating between two cache
+// replicas on one Redis and shared storage, start one image at the same
+// moment with --herd-direct 1. The herd is one, whichever replica a node
+// asks: the replicas together send the image once (a replica of its own
+// would send it again), the nodes asking the replica that did not serve
+// are chained behind nodes the other one served, the hub sees each blob
+// once, and every node holds identical bytes.
+func TestHerdAcrossReplicas(t *testing.T) {
+	harness.RequireRoot(t)
+	h, caches, sites, want, md := startHerdOn(t, 16<<20, 2, "--herd-direct", "1")
+	sentBefore := sumCaches(t, caches, "shoal_cache_served_bytes_total")
+
+	for _, err := range pullAtOnce(sites, h.Ref("library/herd", "v1")) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range sites {
+		requireContainerdContent(t, s, want)
+	}
+	if got := h.Counts(); got.ManifestGET != 1 {
+		t.Fatalf("hub saw %d counted manifest GETs, want 1 (%+v)", got.ManifestGET, got)
+	}
+	for d := range want {
+		if d != md && h.BlobGETs(d) != 1 {
+			t.Fatalf("blob %s fetched upstream %d times, want 1", d, h.BlobGETs(d))
+		}
+	}
+	image := layerBytes(want, md)
+	sent := sumCaches(t, caches, "shoal_cache_served_bytes_total") - sentBefore
+	if sent > 1.5*image {
+		t.Fatalf("two replicas sent %.0f bytes for six nodes, %.2f× the image: want one copy (a herd per replica sends two)", sent, sent/image)
+	}
+	for _, c := range caches {
+		if v := c.metric(t, "shoal_cache_herd_requests_total", `result="redirected"`); v < 1 {
+			t.Fatalf("replica %s redirected no request: its nodes were not chained into the shared herd", c.name)
+		}
+	}
+	if direct := sumCaches(t, caches, "shoal_cache_herd_requests_total", `result="direct"`); direct > float64(len(want)-1) {
+		t.Fatalf("the replicas served %v requests directly, want one per blob (%d)", direct, len(want)-1)
+	}
+	if fromReceivers := sumNodes(t, sites, "shoal_node_served_bytes_total", `source="receiver"`); fromReceivers < 4*image {
+		t.Fatalf("nodes got %.0f bytes from nodes receiving the image, want at least 4 of the 5 chained copies (%.0f)", fromReceivers, 4*image)
+	}
 	requireNoPanicSites(t, sites)
 }
 

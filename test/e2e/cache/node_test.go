@@ -63,7 +63,7 @@ func TestNodeToCacheEndToEnd(t *testing.T) {
 	want := imageContent(t, img)
 	c := startCache(t, h, cacheOpts{})
 
-	sites := startSites(t, bin, h, c, 3)
+	sites := startSites(t, bin, h, []*cacheProc{c}, 3)
 	a, b := sites[0], sites[1]
 	ref := h.Host() + "/library/app:v1"
 	h.ResetCounts()
