@@ -319,6 +319,8 @@ func TestTemplateRefusesBadValues(t *testing.T) {
 		{"unknown_log_level", []string{"--set", "logLevel=loud"}, "logLevel"},
 		{"unknown_storage_driver", []string{"--set", "cache.storage.driver=ftp"}, "driver"},
 		{"unknown_value", []string{"--set", "cache.replica=2"}, "replica"},
+		{"negative_herd_direct", []string{"--set", "cache.herdDirect=-1"}, "herdDirect"},
+		{"evict_interval_not_a_duration", []string{"--set", "cache.evictInterval=often"}, "evictInterval"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := render(t, tc.args...)
