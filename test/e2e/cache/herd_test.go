@@ -82,6 +82,31 @@ func startHerdOn(t *testing.T, bandwidth int64, replicas int, cacheArgs ...strin
 	return h, caches, sites, want, md
 }
 
+// pullHerd pulls the herd image on every site at the same moment and
+// fails t unless every pull completes with identical bytes and the hub saw
+// one counted pull and each blob once. It returns the image's size without
+// its manifest.
+func pullHerd(t *testing.T, h *hub.Hub, sites []*site, want content, md digest.Digest) float64 {
+	t.Helper()
+	for _, err := range pullAtOnce(sites, h.Ref("library/herd", "v1")) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range sites {
+		requireContainerdContent(t, s, want)
+	}
+	if got := h.Counts(); got.ManifestGET != 1 {
+		t.Fatalf("hub saw %d counted manifest GETs, want 1 (%+v)", got.ManifestGET, got)
+	}
+	for d := range want {
+		if d != md && h.BlobGETs(d) != 1 {
+			t.Fatalf("blob %s fetched upstream %d times, want 1", d, h.BlobGETs(d))
+		}
+	}
+	return layerBytes(want, md)
+}
+
 // sumCaches adds a metric over cache replicas.
 func sumCaches(t *testing.T, caches []*cacheProc, name string, labels ...string) float64 {
 	t.Helper()
@@ -146,23 +171,7 @@ func TestHerdScaleOut(t *testing.T) {
 	h, c, sites, want, md := startHerd(t, 16<<20, "--herd-direct", "2")
 	cacheBefore := c.metric(t, "shoal_cache_served_bytes_total")
 
-	for _, err := range pullAtOnce(sites, h.Ref("library/herd", "v1")) {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, s := range sites {
-		requireContainerdContent(t, s, want)
-	}
-	if got := h.Counts(); got.ManifestGET != 1 {
-		t.Fatalf("hub saw %d counted manifest GETs, want 1 (%+v)", got.ManifestGET, got)
-	}
-	for d := range want {
-		if d != md && h.BlobGETs(d) != 1 {
-			t.Fatalf("blob %s fetched upstream %d times, want 1", d, h.BlobGETs(d))
-		}
-	}
-	image := layerBytes(want, md)
+	image := pullHerd(t, h, sites, want, md)
 	sent := c.metric(t, "shoal_cache_served_bytes_total") - cacheBefore
 	if sent > 2*image+64<<10 {
 		t.Fatalf("the cache tier sent %.0f bytes for six nodes, %.2f× the image: want at most 2×", sent, sent/image)
@@ -195,23 +204,7 @@ func TestHerdAcrossReplicas(t *testing.T) {
 	h, caches, sites, want, md := startHerdOn(t, 16<<20, 2, "--herd-direct", "1")
 	sentBefore := sumCaches(t, caches, "shoal_cache_served_bytes_total")
 
-	for _, err := range pullAtOnce(sites, h.Ref("library/herd", "v1")) {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, s := range sites {
-		requireContainerdContent(t, s, want)
-	}
-	if got := h.Counts(); got.ManifestGET != 1 {
-		t.Fatalf("hub saw %d counted manifest GETs, want 1 (%+v)", got.ManifestGET, got)
-	}
-	for d := range want {
-		if d != md && h.BlobGETs(d) != 1 {
-			t.Fatalf("blob %s fetched upstream %d times, want 1", d, h.BlobGETs(d))
-		}
-	}
-	image := layerBytes(want, md)
+	image := pullHerd(t, h, sites, want, md)
 	sent := sumCaches(t, caches, "shoal_cache_served_bytes_total") - sentBefore
 	if sent > 1.5*image {
 		t.Fatalf("two replicas sent %.0f bytes for six nodes, %.2f× the image: want one copy (a herd per replica sends two)", sent, sent/image)
