@@ -77,7 +77,7 @@ func (r *Redis) addInv(op invOp) {
 	if len(r.pendingInv) >= r.maxInv {
 		r.log.Warn("inventory changes dropped: Redis has not taken them for too long; the next eviction pass rebuilds the inventory from storage", "dropped", len(r.pendingInv))
 		r.pendingInv = nil
-		r.invLost = time.Now()
+		r.invDropped = time.Now()
 	}
 	r.pendingInv = append(r.pendingInv, op)
 }
@@ -100,18 +100,21 @@ func (r *Redis) flushInv(ctx context.Context) error {
 	r.mu.Lock()
 	ops := r.pendingInv
 	r.pendingInv = nil
-	lost := !r.invLost.IsZero()
+	dropped := r.invDropped
+	r.invDropped = time.Time{}
 	r.mu.Unlock()
-	if len(ops) == 0 && !lost {
+	if len(ops) == 0 && dropped.IsZero() {
 		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	pipe := r.c.Pipeline()
-	if lost {
-		// Changes were dropped: the inventory no longer holds all that is
-		// stored, so the next pass must walk.
+	if !dropped.IsZero() {
+		// The inventory no longer holds all that is stored: the next pass
+		// must walk, and a walk that started before the drop, on any
+		// replica, may not complete it (markComplete).
 		pipe.Del(cctx, r.invKey("complete"))
+		r.setMax.Eval(cctx, pipe, []string{r.invKey("dropped")}, "at", dropped.UnixMicro())
 	}
 	for _, op := range ops {
 		if op.blob {
@@ -123,6 +126,9 @@ func (r *Redis) flushInv(ctx context.Context) error {
 	if _, err := pipe.Exec(cctx); err != nil {
 		r.mu.Lock()
 		r.pendingInv = append(ops, r.pendingInv...)
+		if r.invDropped.IsZero() {
+			r.invDropped = dropped
+		}
 		r.mu.Unlock()
 		r.failed(err)
 		return fmt.Errorf("inventory: flush: %w", err)
@@ -258,26 +264,13 @@ func (r *Redis) Replace(ctx context.Context, started time.Time, blobs map[digest
 		pipe.HSetNX(cctx, r.invKey("manifests"), manifestField(m.Repo, m.D), manifestValue(m.Refs, m.Stored))
 	}
 	r.recount.Eval(cctx, pipe, []string{r.invKey("blobs"), r.invKey("total")})
-	// Changes dropped after the walk started may be missing from both the
-	// walk and the inventory: then it stays incomplete, and the next pass
-	// walks again.
-	r.mu.Lock()
-	lost := r.invLost
-	r.mu.Unlock()
-	whole := !lost.After(started)
-	if whole {
-		pipe.Set(cctx, r.invKey("complete"), started.UnixMilli(), RebuildInterval)
-	}
+	// Changes a replica dropped after the walk started may be missing from
+	// both: then it stays incomplete, and the next pass walks again.
+	r.markComplete.Eval(cctx, pipe, []string{r.invKey("complete"), r.invKey("dropped")},
+		started.UnixMicro(), started.UnixMilli(), RebuildInterval.Milliseconds())
 	if _, err := pipe.Exec(cctx); err != nil {
 		r.failed(err)
 		return fmt.Errorf("inventory: replace: %w", err)
-	}
-	if whole {
-		r.mu.Lock()
-		if r.invLost.Equal(lost) {
-			r.invLost = time.Time{}
-		}
-		r.mu.Unlock()
 	}
 	return nil
 }

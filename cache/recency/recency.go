@@ -46,13 +46,13 @@ type Redis struct {
 	// maxInv bounds pendingInv: while Redis is down for long, a replica
 	// that keeps storing would otherwise buffer without end.
 	maxInv int
-	// invLost is when buffered inventory changes were last dropped (zero:
-	// never since the inventory was rebuilt). Until a walk that started
-	// after it replaces the inventory, the inventory is incomplete.
-	invLost time.Time
+	// invDropped is when this replica last dropped buffered inventory
+	// changes and has not yet told Redis (zero: nothing to tell).
+	invDropped time.Time
 
 	setMax, unlock               *redis.Script
 	addBlob, removeBlob, recount *redis.Script
+	markComplete                 *redis.Script
 }
 
 // NewRedis returns a Redis recency under keys that start with prefix
@@ -94,6 +94,15 @@ for _, v in ipairs(redis.call("HVALS", KEYS[1])) do
 end
 redis.call("SET", KEYS[2], total)
 return total`),
+		// A walk completes the inventory only if no replica dropped
+		// changes after it started (KEYS[2] "at", in µs): those may be
+		// missing from both the walk and the inventory.
+		markComplete: redis.NewScript(`local dropped = tonumber(redis.call("HGET", KEYS[2], "at") or "0")
+if dropped < tonumber(ARGV[1]) then
+  redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
+  return 1
+end
+return 0`),
 	}
 }
 

@@ -73,7 +73,7 @@ func startLAN(b *testing.B, n int, rate string, shaped ...int) []lanHost {
 func fitNeighbours(b *testing.B, n int) {
 	b.Helper()
 	need := (n + 1) * (n + 1) // every host's entry for every other
-	for i, min := range []int{need, 2 * need, 4 * need} {
+	for i, want := range []int{need, 2 * need, 4 * need} {
 		key := fmt.Sprintf("net.ipv4.neigh.default.gc_thresh%d", i+1)
 		out, err := exec.Command("sysctl", "-n", key).Output()
 		if err != nil {
@@ -81,10 +81,10 @@ func fitNeighbours(b *testing.B, n int) {
 		}
 		old := strings.TrimSpace(string(out))
 		var cur int
-		if _, err := fmt.Sscanf(old, "%d", &cur); err != nil || cur >= min {
+		if _, err := fmt.Sscanf(old, "%d", &cur); err != nil || cur >= want {
 			continue
 		}
-		if out, err := exec.Command("sysctl", "-w", fmt.Sprintf("%s=%d", key, min)).CombinedOutput(); err != nil {
+		if out, err := exec.Command("sysctl", "-w", fmt.Sprintf("%s=%d", key, want)).CombinedOutput(); err != nil {
 			b.Fatalf("sysctl -w %s: %v\n%s", key, err, out)
 		}
 		b.Cleanup(func() { _ = exec.Command("sysctl", "-w", key+"="+old).Run() })
